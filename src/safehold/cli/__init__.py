@@ -1,0 +1,1 @@
+"""The safehold command line: argument parsing and output over the library."""

@@ -1,0 +1,213 @@
+"""backup and restore."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from safehold.cli.common import (
+    Context,
+    ensure_default_repo,
+    event_printer,
+    open_repo,
+    repo_url,
+    stop_on_signals,
+)
+from safehold.errors import EXIT_OK, EXIT_WARNINGS, UsageError
+from safehold.events import Event
+from safehold.ops.backup import BackupOptions, backup
+from safehold.ops.restore import RestoreOptions, restore
+from safehold.units import format_size, parse_size
+
+
+def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("backup", parents=[parent], help="back up files and directories")
+    p.add_argument("paths", nargs="*", metavar="PATH")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
+    p.add_argument("--exclude-file", action="append", default=[], metavar="FILE")
+    p.add_argument("--exclude-caches", action="store_true")
+    p.add_argument("--exclude-if-present", action="append", default=[], metavar="NAME")
+    p.add_argument("--exclude-larger-than", metavar="SIZE")
+    p.add_argument("--one-file-system", "-x", action="store_true")
+    p.add_argument("--tag", action="append", default=[], metavar="TAG")
+    p.add_argument("--host", metavar="HOST")
+    p.add_argument("--parent", metavar="SNAP")
+    p.add_argument("--dry-run", "-n", action="store_true")
+    p.add_argument("--compression-for", action="append", default=[], metavar="GLOB=SETTING")
+    p.add_argument("--stdin", action="store_true", help="back up standard input")
+    p.add_argument("--stdin-filename", default="stdin", metavar="NAME")
+    p.set_defaults(func=cmd_backup)
+
+    r = sub.add_parser("restore", parents=[parent], help="restore a snapshot")
+    r.add_argument("snapshot", metavar="SNAP")
+    r.add_argument("--target", "-t", required=True, metavar="DIR")
+    r.add_argument("--include", "-i", action="append", default=[], metavar="PATTERN")
+    r.add_argument("--exclude", "-e", action="append", default=[], metavar="PATTERN")
+    r.add_argument("--verify", action="store_true", help="read the restored files back")
+    r.add_argument("--host")
+    r.add_argument("--tag", action="append", default=[])
+    r.add_argument("--path", action="append", default=[])
+    r.set_defaults(func=cmd_restore)
+
+
+class _Progress:
+    """A rich progress bar on a TTY; JSON-lines events with --json; nothing otherwise."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.warn = event_printer(ctx)
+        self.bar: Any = None
+        self.task: Any = None
+        if not ctx.json and not ctx.quiet and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("{task.fields[files]} files"),
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self.task = self.bar.add_task("backup", total=None, files=0)
+            self.bar.start()
+
+    def __call__(self, ev: Event) -> None:
+        if ev.kind == "progress":
+            d = ev.data
+            if self.ctx.json:
+                self.ctx.emit({"type": "progress", **d})
+            elif self.bar is not None:
+                self.bar.update(
+                    self.task,
+                    completed=d.get("bytes_done", 0),
+                    total=d.get("total_bytes"),
+                    files=d.get("files_done", 0),
+                )
+        else:
+            if self.bar is not None and ev.kind == "warning":
+                self.bar.console.print(f"warning: {ev.message}")
+            else:
+                self.warn(ev)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def cmd_backup(ctx: Context) -> int:
+    a = ctx.args
+    if a.stdin and a.paths:
+        raise UsageError("--stdin takes no paths")
+    if not a.stdin and not a.paths:
+        raise UsageError("nothing to back up: name at least one path")
+    _, is_default = repo_url(a)
+    if is_default:
+        ensure_default_repo(ctx)
+    opts = BackupOptions(
+        paths=a.paths,
+        excludes=a.exclude,
+        exclude_files=a.exclude_file,
+        exclude_caches=a.exclude_caches,
+        exclude_if_present=a.exclude_if_present,
+        exclude_larger_than=parse_size(a.exclude_larger_than) if a.exclude_larger_than else None,
+        one_file_system=a.one_file_system,
+        tags=a.tag,
+        host=a.host,
+        parent=a.parent,
+        dry_run=a.dry_run,
+        compression_for=a.compression_for,
+        stdin_filename=a.stdin_filename if a.stdin else None,
+    )
+    repo = open_repo(ctx)
+    progress = _Progress(ctx)
+    try:
+        with stop_on_signals() as stop:
+            lock = None if a.dry_run else repo.lock()
+            try:
+                result = backup(
+                    repo,
+                    opts,
+                    events=progress,
+                    stdin=sys.stdin.buffer if a.stdin else None,
+                    stop=stop,
+                )
+            finally:
+                if lock is not None:
+                    lock.release()
+    finally:
+        progress.close()
+        repo.close()
+    s = result.summary
+    if ctx.json:
+        ctx.emit({"type": "summary", **s})
+    else:
+        ctx.out(
+            f"files: {s['files_new']} new, {s['files_changed']} changed, "
+            f"{s['files_unmodified']} unmodified; {s['dirs']} directories"
+        )
+        ctx.out(
+            f"processed {format_size(s['bytes_processed'])} in {s['duration_s']:.1f}s, "
+            f"added {format_size(s['data_added'])} "
+            f"({format_size(s['data_added_stored'])} stored)"
+        )
+        if result.snapshot is not None:
+            ctx.out(f"snapshot {result.snapshot.id[:8]} saved")
+        else:
+            ctx.out("dry run: nothing was stored")
+    if result.warnings:
+        ctx.note(f"{len(result.warnings)} warnings: the files named above were not saved whole")
+        return EXIT_WARNINGS
+    return EXIT_OK
+
+
+def cmd_restore(ctx: Context) -> int:
+    a = ctx.args
+    repo = open_repo(ctx)
+    started = time.time()
+    try:
+        snap = repo.find_snapshot(a.snapshot, host=a.host, tags=a.tag, paths=a.path)
+        opts = RestoreOptions(
+            target=a.target, includes=a.include, excludes=a.exclude, verify=a.verify
+        )
+        with stop_on_signals() as stop:
+            lock = repo.lock()
+            try:
+                res = restore(repo, snap, opts, events=event_printer(ctx), stop=stop)
+            finally:
+                lock.release()
+    finally:
+        repo.close()
+    elapsed = time.time() - started
+    if ctx.json:
+        ctx.emit(
+            {
+                "type": "summary",
+                "snapshot": snap.id,
+                "files": res.files,
+                "dirs": res.dirs,
+                "bytes": res.bytes,
+                "errors": res.errors,
+                "verified": res.verified,
+                "duration_s": round(elapsed, 3),
+            }
+        )
+    else:
+        ctx.out(
+            f"restored snapshot {snap.id[:8]}: {res.files} files, {res.dirs} directories, "
+            f"{format_size(res.bytes)} in {elapsed:.1f}s to {a.target}"
+        )
+        if a.verify:
+            ctx.out(f"verified {res.verified} files")
+    return EXIT_WARNINGS if res.errors else EXIT_OK

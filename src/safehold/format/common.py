@@ -1,0 +1,59 @@
+"""msgpack helpers shared by the format modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from safehold.errors import FormatError
+
+FORMAT_VERSION = 1
+
+
+def pack(obj: Any) -> bytes:
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+def unpack(data: bytes | memoryview, what: str) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise FormatError(f"{what} is not valid: {e}") from None
+
+
+def need_map(obj: Any, what: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise FormatError(f"{what} is not a map")
+    return obj
+
+
+def field(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], what: str) -> Any:
+    try:
+        value = obj[key]
+    except KeyError:
+        raise FormatError(f"{what} lacks field {key!r}") from None
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise FormatError(f"{what} field {key!r} has the wrong type")
+    return value
+
+
+def opt(
+    obj: dict[str, Any], key: str, typ: type | tuple[type, ...], what: str, default: Any
+) -> Any:
+    if key not in obj or obj[key] is None:
+        return default
+    return field(obj, key, typ, what)
+
+
+def check_id(value: Any, what: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) != 32:
+        raise FormatError(f"{what} is not a 32-byte id")
+    return value
+
+
+def check_version(obj: dict[str, Any], what: str) -> None:
+    v = field(obj, "v", int, what)
+    if v != FORMAT_VERSION:
+        raise FormatError(f"{what} has unknown version {v}")

@@ -1,0 +1,1 @@
+"""Operations: backup, restore, check and browsing, each reporting through event callbacks."""

@@ -1,0 +1,580 @@
+"""Backup: walk the source, chunk and store new data in parallel, then commit a snapshot.
+
+The walk runs in the calling thread; files are read, chunked, hashed, compressed, encrypted and
+packed by a pool of worker threads (the native libraries release the GIL), with a bound on the
+files in flight so memory stays bounded whatever the data size. Directory trees are finalized in
+post-order as their files complete. The snapshot object is stored last, after every pack and
+index object it needs: an interrupted backup leaves no snapshot, and its stored packs are indexed
+and reused by the next run.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import getpass
+import os
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from safehold._version import __version__
+from safehold.chunker import Chunker
+from safehold.compress import Compression, CompressionRules
+from safehold.errors import Interrupted, SafeholdError, SnapshotNotFound, UsageError
+from safehold.events import Event, EventSink, ignore_events
+from safehold.format.snapshot import Snapshot
+from safehold.format.tree import Node, tree_to_bytes
+from safehold.ids import BlobType
+from safehold.ops.source import ExcludeRules, node_from_stat
+from safehold.repository.repo import Repository, filter_snapshots
+from safehold.repository.writer import WriteSession
+
+_O_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+@dataclass
+class BackupOptions:
+    """Everything a backup can be told; the CLI and the library share this type."""
+
+    paths: list[str] = field(default_factory=list)
+    excludes: list[str] = field(default_factory=list)
+    exclude_files: list[str] = field(default_factory=list)
+    exclude_caches: bool = False
+    exclude_if_present: list[str] = field(default_factory=list)
+    exclude_larger_than: int | None = None
+    one_file_system: bool = False
+    tags: list[str] = field(default_factory=list)
+    host: str | None = None
+    parent: str | None = None
+    dry_run: bool = False
+    compression: str | None = None  # default: the repository's setting
+    compression_for: list[str] = field(default_factory=list)
+    stdin_filename: str | None = None  # back up the ``stdin`` stream under this name
+    workers: int = 4
+    index_flush_packs: int = 4
+    index_flush_seconds: float = 10.0
+
+
+@dataclass
+class BackupResult:
+    snapshot: Snapshot | None
+    summary: dict[str, Any]
+    warnings: list[str]
+
+
+@dataclass
+class _Counters:
+    files_new: int = 0
+    files_changed: int = 0
+    files_unmodified: int = 0
+    files_failed: int = 0
+    dirs: int = 0
+    others: int = 0
+    files_done: int = 0
+    bytes_done: int = 0
+    bytes_read: int = 0
+    total_files: int | None = None
+    total_bytes: int | None = None
+
+
+@dataclass
+class _DirJob:
+    node: Node | None
+    items: list[tuple[Node, Future[list[bytes] | None] | None, _DirJob | None]] = field(
+        default_factory=list
+    )
+    tree_id: bytes | None = None
+
+
+class _Archiver:
+    def __init__(
+        self,
+        repo: Repository,
+        opts: BackupOptions,
+        session: WriteSession,
+        events: EventSink,
+        stop: threading.Event,
+    ) -> None:
+        self.repo = repo
+        self.opts = opts
+        self.session = session
+        self.events = events
+        self.stop = stop
+        self.rules = ExcludeRules.build(
+            opts.excludes,
+            opts.exclude_files,
+            caches=opts.exclude_caches,
+            if_present=opts.exclude_if_present,
+            larger_than=opts.exclude_larger_than,
+            one_file_system=opts.one_file_system,
+        )
+        self.compression = CompressionRules.parse(
+            opts.compression or repo.config.compression, opts.compression_for
+        )
+        self.tree_compression = Compression("zstd", 3)
+        self.counters = _Counters()
+        self.warnings: list[str] = []
+        self._warn_lock = threading.Lock()
+        self._local = threading.local()
+        self.workers = max(1, opts.workers)
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="safehold-backup")
+        self.in_flight = threading.BoundedSemaphore(self.workers * 4)
+        self.pending: collections.deque[_DirJob] = collections.deque()
+        self.fatal: BaseException | None = None
+        self.small = repo.chunker_params.min
+
+    # --- reporting --------------------------------------------------------------------------
+
+    def warn(self, message: str) -> None:
+        with self._warn_lock:
+            self.warnings.append(message)
+        self.events(Event("warning", message))
+
+    def check_stop(self) -> None:
+        if self.fatal is not None:
+            raise self.fatal
+        if self.stop.is_set():
+            raise Interrupted("interrupted: stopped cleanly, what was stored will be reused")
+
+    # --- files ------------------------------------------------------------------------------
+
+    def _chunker(self) -> Chunker:
+        c: Chunker | None = getattr(self._local, "chunker", None)
+        if c is None:
+            c = self._local.chunker = self.repo.chunker()
+        return c
+
+    def _store_chunks(self, chunks: Any, setting: Compression) -> tuple[list[bytes], int]:
+        content: list[bytes] = []
+        total = 0
+        session = self.session
+        for chunk in chunks:
+            if self.stop.is_set() or self.fatal is not None:
+                raise Interrupted("interrupted")
+            bid = session.blob_id(chunk)
+            if not self.opts.dry_run:
+                session.add_blob(BlobType.DATA, chunk, setting, bid)
+            elif not session.known(bid):
+                session.stats.bytes_new_raw += len(chunk)
+            content.append(bid)
+            total += len(chunk)
+            with self._warn_lock:
+                self.counters.bytes_done += len(chunk)
+                self.counters.bytes_read += len(chunk)
+        return content, total
+
+    def save_file(self, path: bytes, node: Node) -> list[bytes] | None:
+        try:
+            return self._save_file(path, node)
+        except OSError as e:
+            self.warn(f"cannot read {os.fsdecode(path)}: {e.strerror or e}")
+            with self._warn_lock:
+                self.counters.files_failed += 1
+            return None
+        except Interrupted:
+            return None
+        except BaseException as e:
+            self.fatal = e
+            raise
+        finally:
+            self.in_flight.release()
+            with self._warn_lock:
+                self.counters.files_done += 1
+
+    def _save_file(self, path: bytes, node: Node) -> list[bytes] | None:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags | _O_NOATIME)
+        except PermissionError:
+            fd = os.open(path, flags)
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                self.warn(f"{os.fsdecode(path)} changed type while backing up; skipped")
+                return None
+            setting = self.compression.for_path(os.fsdecode(path))
+            if st.st_size <= self.small:
+                data = f.read()
+                chunks: Any = [data] if data else []
+            else:
+                chunks = self._chunker().chunks(f)
+            content, total = self._store_chunks(chunks, setting)
+            st2 = os.fstat(fd)
+        if total != node.size or st2.st_mtime_ns != node.mtime_ns or st2.st_size != total:
+            self.warn(f"{os.fsdecode(path)} changed while it was read; saved as read")
+            node.size = total
+            node.mtime_ns = st2.st_mtime_ns
+            node.ctime_ns = st2.st_ctime_ns
+        return content
+
+    # --- directories ------------------------------------------------------------------------
+
+    def parent_nodes(self, tree_id: bytes | None) -> dict[bytes, Node] | None:
+        if tree_id is None:
+            return None
+        try:
+            return {n.name: n for n in self.repo.read_tree(tree_id)}
+        except SafeholdError as e:
+            self.warn(f"parent snapshot tree unreadable, reading files again: {e}")
+            return None
+
+    def unchanged(self, prev: Node | None, node: Node) -> bool:
+        if prev is None or prev.type != "file" or prev.content is None:
+            return False
+        if (prev.size, prev.mtime_ns, prev.ctime_ns, prev.ino) != (
+            node.size,
+            node.mtime_ns,
+            node.ctime_ns,
+            node.ino,
+        ):
+            return False
+        index = self.session.index
+        return all(c in index for c in prev.content)
+
+    def add_entry(
+        self,
+        job: _DirJob,
+        path: bytes,
+        name: bytes,
+        st: os.stat_result,
+        parent: dict[bytes, Node] | None,
+        root_dev: int,
+    ) -> None:
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if self.rules.excludes_path(path, is_dir):
+            return
+        if (
+            stat.S_ISREG(st.st_mode)
+            and self.rules.larger_than is not None
+            and st.st_size > self.rules.larger_than
+        ):
+            return
+        try:
+            node = node_from_stat(name, st, path)
+        except OSError as e:
+            self.warn(f"cannot read {os.fsdecode(path)}: {e.strerror or e}")
+            return
+        prev = parent.get(name) if parent else None
+        if node.type == "dir":
+            self.counters.dirs += 1
+            sub_parent = self.parent_nodes(prev.subtree if prev and prev.type == "dir" else None)
+            if self.rules.one_file_system and st.st_dev != root_dev:
+                sub = _DirJob(node)
+                self.pending.append(sub)
+            else:
+                sub = self.walk_dir(path, node, sub_parent, root_dev)
+            job.items.append((node, None, sub))
+        elif node.type == "file":
+            if self.unchanged(prev, node):
+                assert prev is not None
+                node.content = prev.content
+                self.counters.files_unmodified += 1
+                self.counters.files_done += 1
+                self.counters.bytes_done += node.size
+                job.items.append((node, None, None))
+            else:
+                if prev is None:
+                    self.counters.files_new += 1
+                else:
+                    self.counters.files_changed += 1
+                self.in_flight.acquire()
+                self.check_stop()
+                fut = self.pool.submit(self.save_file, path, node)
+                job.items.append((node, fut, None))
+        else:
+            self.counters.others += 1
+            job.items.append((node, None, None))
+
+    def walk_dir(
+        self, path: bytes, node: Node | None, parent: dict[bytes, Node] | None, root_dev: int
+    ) -> _DirJob:
+        self.check_stop()
+        job = _DirJob(node)
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            self.warn(f"cannot read directory {os.fsdecode(path)}: {e.strerror or e}")
+            entries = []
+        if entries and self.rules.excludes_dir_contents(path):
+            entries = [e for e in entries if e.name == b"CACHEDIR.TAG" and self.rules.caches]
+        base = path if path.endswith(b"/") else path + b"/"
+        for entry in entries:
+            self.check_stop()
+            child = base + entry.name
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                self.warn(f"{os.fsdecode(child)} vanished while backing up")
+                continue
+            except OSError as e:
+                self.warn(f"cannot read {os.fsdecode(child)}: {e.strerror or e}")
+                continue
+            self.add_entry(job, child, entry.name, st, parent, root_dev)
+        self.pending.append(job)
+        self.drain(block=False)
+        return job
+
+    def drain(self, *, block: bool) -> None:
+        while self.pending:
+            job = self.pending[0]
+            if not block and not all(f is None or f.done() for _, f, _ in job.items):
+                return
+            self.pending.popleft()
+            self.finalize(job)
+
+    def finalize(self, job: _DirJob) -> None:
+        nodes = []
+        for node, fut, sub in job.items:
+            if fut is not None:
+                content = fut.result()
+                self.check_stop()
+                if content is None:
+                    continue
+                node.content = content
+            if sub is not None:
+                if sub.tree_id is None:
+                    raise AssertionError("a subdirectory was not finalized before its parent")
+                node.subtree = sub.tree_id
+            nodes.append(node)
+        data = tree_to_bytes(nodes)
+        if self.opts.dry_run:
+            job.tree_id = self.session.blob_id(data)
+        else:
+            job.tree_id, _ = self.session.add_blob(BlobType.TREE, data, self.tree_compression)
+
+    # --- the virtual root -------------------------------------------------------------------
+
+    def backup_paths(self, paths: list[bytes], parent_tree: bytes | None) -> bytes:
+        root: dict[bytes, Any] = {}
+        for p in paths:
+            parts = [x for x in p.split(b"/") if x]
+            if not parts:
+                raise UsageError("backing up / itself is not supported; name its folders instead")
+            cur = root
+            for i, part in enumerate(parts):
+                if i == len(parts) - 1:
+                    cur[part] = p
+                else:
+                    nxt = cur.setdefault(part, {})
+                    if not isinstance(nxt, dict):
+                        break  # an ancestor is backed up whole already
+                    cur = nxt
+        job = self.walk_virtual(b"", root, self.parent_nodes(parent_tree))
+        self.drain(block=True)
+        assert job.tree_id is not None
+        return job.tree_id
+
+    def walk_virtual(
+        self, path: bytes, children: dict[bytes, Any], parent: dict[bytes, Node] | None
+    ) -> _DirJob:
+        job = _DirJob(None)
+        for name in sorted(children):
+            child = children[name]
+            cpath = path + b"/" + name
+            try:
+                st = os.lstat(cpath)
+            except OSError as e:
+                self.warn(f"cannot back up {os.fsdecode(cpath)}: {e.strerror or e}")
+                continue
+            if isinstance(child, dict):
+                node = node_from_stat(name, st, cpath)
+                prev = parent.get(name) if parent else None
+                sub_parent = self.parent_nodes(prev.subtree if prev and prev.subtree else None)
+                sub = self.walk_virtual(cpath, child, sub_parent)
+                job.items.append((node, None, sub))
+            else:
+                self.add_entry(job, cpath, name, st, parent, st.st_dev)
+        self.pending.append(job)
+        return job
+
+    def backup_stdin(self, stream: BinaryIO, name: str) -> bytes:
+        now = time.time_ns()
+        content, total = self._store_chunks(
+            self._chunker().chunks(stream), self.compression.for_path(name)
+        )
+        node = Node(
+            name=os.fsencode(name),
+            type="file",
+            mode=stat.S_IFREG | 0o644,
+            uid=os.getuid(),
+            gid=os.getgid(),
+            mtime_ns=now,
+            ctime_ns=now,
+            atime_ns=now,
+            size=total,
+            content=content,
+        )
+        self.counters.files_new = 1
+        self.counters.files_done = 1
+        data = tree_to_bytes([node])
+        if self.opts.dry_run:
+            return self.session.blob_id(data)
+        return self.session.add_blob(BlobType.TREE, data, self.tree_compression)[0]
+
+    def scan_totals(self, paths: list[bytes]) -> None:
+        """Count files and bytes ahead of the backup, for the ETA (best effort)."""
+        files = size = 0
+        stack = list(paths)
+        while stack and not self.stop.is_set():
+            p = stack.pop()
+            try:
+                st = os.lstat(p)
+                if stat.S_ISDIR(st.st_mode):
+                    with os.scandir(p) as it:
+                        for e in it:
+                            if e.is_dir(follow_symlinks=False):
+                                stack.append(e.path)
+                            elif e.is_file(follow_symlinks=False):
+                                files += 1
+                                size += e.stat(follow_symlinks=False).st_size
+                elif stat.S_ISREG(st.st_mode):
+                    files += 1
+                    size += st.st_size
+            except OSError:
+                continue
+        self.counters.total_files, self.counters.total_bytes = files, size
+
+
+def _choose_parent(
+    repo: Repository, opts: BackupOptions, host: str, paths: list[str]
+) -> Snapshot | None:
+    snaps = repo.snapshots()
+    if opts.parent:
+        return repo.find_snapshot(opts.parent, snapshots=snaps)
+    same = [s for s in filter_snapshots(snaps, host=host) if sorted(s.paths) == sorted(paths)]
+    return same[-1] if same else None
+
+
+def backup(
+    repo: Repository,
+    opts: BackupOptions,
+    *,
+    events: EventSink = ignore_events,
+    stdin: BinaryIO | None = None,
+    stop: threading.Event | None = None,
+    progress_interval: float = 0.5,
+) -> BackupResult:
+    """Back up ``opts.paths`` (or ``stdin`` as ``opts.stdin_filename``) into a new snapshot."""
+    started = time.time()
+    stop = stop or threading.Event()
+    if opts.stdin_filename is not None:
+        if stdin is None:
+            raise UsageError("--stdin needs a stream to read")
+        if not opts.stdin_filename or "/" in opts.stdin_filename:
+            raise UsageError("--stdin-filename must be a plain file name")
+        paths = ["/" + opts.stdin_filename]
+    else:
+        if not opts.paths:
+            raise UsageError("nothing to back up: name at least one path")
+        paths = []
+        for p in opts.paths:
+            ap = os.path.normpath(os.path.abspath(p))
+            if not os.path.lexists(ap):
+                raise UsageError(f"{p}: no such file or directory")
+            paths.append(ap)
+    host = opts.host or socket.gethostname()
+    try:
+        parent = _choose_parent(repo, opts, host, paths)
+    except SnapshotNotFound as e:
+        raise UsageError(f"--parent: {e}") from None
+    session = repo.write_session(
+        index_flush_packs=opts.index_flush_packs, index_flush_seconds=opts.index_flush_seconds
+    )
+    arch = _Archiver(repo, opts, session, events, stop)
+    done = threading.Event()
+
+    def report() -> None:
+        while not done.wait(progress_interval):
+            c = arch.counters
+            events(
+                Event(
+                    "progress",
+                    data={
+                        "files_done": c.files_done,
+                        "bytes_done": c.bytes_done,
+                        "total_files": c.total_files,
+                        "total_bytes": c.total_bytes,
+                        "bytes_added": session.stats.bytes_new_stored,
+                        "elapsed": time.time() - started,
+                    },
+                )
+            )
+
+    reporter = threading.Thread(target=report, daemon=True)
+    reporter.start()
+    bpaths = [os.fsencode(p) for p in paths]
+    if opts.stdin_filename is None:
+        threading.Thread(target=arch.scan_totals, args=(bpaths,), daemon=True).start()
+    try:
+        if opts.stdin_filename is not None:
+            assert stdin is not None
+            tree = arch.backup_stdin(stdin, opts.stdin_filename)
+        else:
+            tree = arch.backup_paths(bpaths, parent.tree if parent else None)
+        arch.pool.shutdown(wait=True)
+        arch.check_stop()
+        if not opts.dry_run:
+            session.flush()
+    except BaseException:
+        stop.set()
+        arch.pool.shutdown(wait=True, cancel_futures=True)
+        if not opts.dry_run:
+            with contextlib.suppress(BaseException):
+                session.flush()  # what was stored stays reusable
+        raise
+    finally:
+        done.set()
+        reporter.join()
+    c = arch.counters
+    st = session.stats
+    summary: dict[str, Any] = {
+        "files_new": c.files_new,
+        "files_changed": c.files_changed,
+        "files_unmodified": c.files_unmodified,
+        "files_failed": c.files_failed,
+        "dirs": c.dirs,
+        "other_entries": c.others,
+        "bytes_processed": c.bytes_done,
+        "bytes_read": c.bytes_read,
+        "blobs_new": st.blobs_new,
+        "data_added": st.bytes_new_raw,
+        "data_added_stored": st.bytes_new_stored,
+        "bytes_uploaded": st.bytes_uploaded,
+        "packs_stored": st.packs_stored,
+        "duration_s": round(time.time() - started, 3),
+        "dry_run": opts.dry_run,
+        "warnings": len(arch.warnings),
+    }
+    snap = None
+    if not opts.dry_run:
+        try:
+            user = getpass.getuser()
+        except Exception:
+            user = str(os.getuid())
+        snap = Snapshot(
+            time_ns=int(started * 1e9),
+            host=host,
+            user=user,
+            paths=paths,
+            tree=tree,
+            tags=sorted(set(opts.tags)),
+            parent=bytes.fromhex(parent.id) if parent else None,
+            uid=os.getuid(),
+            gid=os.getgid(),
+            program=f"safehold {__version__}",
+            summary=summary,
+        )
+        repo.save_snapshot(snap)
+        summary["snapshot"] = snap.id
+    summary["parent"] = parent.id if parent else None
+    return BackupResult(snap, summary, arch.warnings)
+
+
+ProgressCallback = Callable[[Event], None]

@@ -1,0 +1,233 @@
+"""Check: the repository's structure and, optionally, every byte of its data.
+
+Check never trusts the local cache: it reads index objects, snapshots and trees from storage.
+Damage is reported with the snapshots and file paths it affects.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from safehold import crypto
+from safehold.errors import BackendError, IntegrityError, NotFound, SafeholdError, UsageError
+from safehold.events import Event, EventSink, ignore_events
+from safehold.format.pack import HEADER_NONCE, PACK_PREFIX_LEN, TRAILER, header_from_bytes
+from safehold.format.snapshot import Snapshot
+from safehold.ids import BlobType, name_to_id, pack_name, storage_id
+from safehold.repository.repo import Repository
+
+
+@dataclass
+class CheckOptions:
+    read_data: bool = False
+    subset: str | None = None  # "10%" or "n/t"
+    workers: int = 4
+
+
+@dataclass
+class CheckResult:
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    snapshots: int = 0
+    trees: int = 0
+    packs: int = 0
+    packs_read: int = 0
+    bytes_read: int = 0
+    blobs: int = 0
+    damaged_files: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _subset_selector(spec: str) -> tuple[int, int] | float:
+    spec = spec.strip()
+    if spec.endswith("%"):
+        try:
+            pct = float(spec[:-1])
+        except ValueError:
+            raise UsageError(f"invalid subset {spec!r} (expected e.g. 10% or 2/5)") from None
+        if not 0 < pct <= 100:
+            raise UsageError("the subset percentage must be above 0 and at most 100")
+        return pct / 100
+    n, sep, t = spec.partition("/")
+    if not sep or not n.isdigit() or not t.isdigit() or not 1 <= int(n) <= int(t):
+        raise UsageError(f"invalid subset {spec!r} (expected e.g. 10% or 2/5)")
+    return int(n), int(t)
+
+
+def _in_subset(pack_id: str, sel: tuple[int, int] | float) -> bool:
+    value = int(pack_id[:8], 16)
+    if isinstance(sel, float):
+        return value < sel * 0x1_0000_0000
+    n, t = sel
+    return value % t == n - 1
+
+
+def check(
+    repo: Repository,
+    opts: CheckOptions | None = None,
+    *,
+    events: EventSink = ignore_events,
+) -> CheckResult:
+    opts = opts or CheckOptions()
+    res = CheckResult()
+    lock = threading.Lock()
+
+    def damage(msg: str) -> None:
+        with lock:
+            res.errors.append(msg)
+        events(Event("damage", msg))
+
+    # 1. index objects, read from storage (never the cache)
+    index_ids = repo.list_ids("index/")
+    indexed: dict[str, tuple[int, list[bytes]]] = {}
+    blob_packs: dict[bytes, str] = {}
+    for iid in index_ids:
+        try:
+            idx = repo.read_index_file(iid, use_cache=False)
+        except SafeholdError as e:
+            damage(f"index {iid[:16]}: {e}")
+            continue
+        for p in idx.packs:
+            pid = p.pack_id.hex()
+            indexed[pid] = (p.size, [b.id for b in p.blobs])
+            for b in p.blobs:
+                blob_packs.setdefault(b.id, pid)
+    repo.reload_index()
+    events(Event("info", f"{len(index_ids)} index objects, {len(indexed)} packs indexed"))
+
+    # 2. packs present with the right size
+    present = {name_to_id(i.name): i.size for i in repo.backend.list("data/")}
+    for pid, (size, _) in sorted(indexed.items()):
+        if pid not in present:
+            damage(f"pack {pid[:16]} is indexed but missing from storage")
+        elif present[pid] != size:
+            damage(f"pack {pid[:16]} has size {present[pid]}, the index says {size}")
+    unindexed = set(present) - set(indexed)
+    if unindexed:
+        res.notes.append(
+            f"{len(unindexed)} packs are not indexed (left by an interrupted backup; "
+            "prune removes them)"
+        )
+    res.packs = len(present)
+
+    # 3. snapshots and trees: every tree readable, every referenced blob indexed
+    snapshots: list[Snapshot] = []
+    for sid in repo.list_ids("snapshots/"):
+        try:
+            snapshots.append(repo.load_snapshot(sid))
+        except SafeholdError as e:
+            damage(f"snapshot {sid[:8]}: {e}")
+    res.snapshots = len(snapshots)
+    seen_trees: set[bytes] = set()
+    missing: set[bytes] = set()
+    for snap in snapshots:
+        stack: list[tuple[bytes, str]] = [(snap.tree, "")]
+        while stack:
+            tid, path = stack.pop()
+            if tid in seen_trees:
+                continue
+            seen_trees.add(tid)
+            try:
+                nodes = repo.read_tree(tid)
+            except SafeholdError as e:
+                damage(f"snapshot {snap.id[:8]}: tree of {path or '/'} is unreadable: {e}")
+                continue
+            for n in nodes:
+                npath = f"{path}/{os.fsdecode(n.name)}"
+                if n.type == "dir" and n.subtree is not None:
+                    stack.append((n.subtree, npath))
+                for c in n.content or []:
+                    if c not in blob_packs and c not in missing:
+                        missing.add(c)
+                        damage(f"snapshot {snap.id[:8]}: {npath}: data blob {c.hex()[:16]} is lost")
+    res.trees = len(seen_trees)
+
+    # 4. data: download, decrypt and verify every blob of the selected packs
+    bad_blobs: set[bytes] = set()
+    if opts.read_data or opts.subset:
+        sel = _subset_selector(opts.subset) if opts.subset else None
+        todo = [p for p in sorted(indexed) if p in present and (sel is None or _in_subset(p, sel))]
+
+        def read_pack(pid: str) -> None:
+            try:
+                bad = _verify_pack(repo, pid, indexed[pid][0])
+            except (BackendError, NotFound) as e:
+                damage(f"pack {pid[:16]}: cannot read: {e}")
+                bad = list(indexed[pid][1])
+            except IntegrityError as e:
+                damage(f"pack {pid[:16]}: {e}")
+                bad = list(indexed[pid][1])
+            with lock:
+                res.packs_read += 1
+                res.bytes_read += indexed[pid][0]
+                bad_blobs.update(bad)
+            events(Event("progress", data={"packs_done": res.packs_read, "packs_total": len(todo)}))
+
+        with ThreadPoolExecutor(max(1, opts.workers)) as pool:
+            list(pool.map(read_pack, todo))
+        if bad_blobs:
+            _name_damaged_files(repo, snapshots, bad_blobs, res, damage)
+    return res
+
+
+def _verify_pack(repo: Repository, pid: str, size: int) -> list[bytes]:
+    """Read a whole pack; returns the ids of blobs that fail. Raises if the pack is unreadable."""
+    data = repo.backend.load(pack_name(pid))
+    bad: list[bytes] = []
+    if len(data) != size:
+        raise IntegrityError(f"is {len(data)} bytes, the index says {size}")
+    if storage_id(data) != pid:
+        # find out which blobs are hit, to name the files
+        pass
+    if repo.secrets.private_key is None:
+        raise UsageError("check --read-data needs a full key")
+    view = memoryview(data)
+    aead = crypto.Aead(crypto.unseal_key(repo.secrets.private_key, data[4:PACK_PREFIX_LEN]))
+    length, _ = TRAILER.unpack(data[-TRAILER.size :])
+    hdr_off = size - TRAILER.size - length
+    entries = header_from_bytes(aead.decrypt(HEADER_NONCE, view[hdr_off : size - TRAILER.size]))
+    loc_pack = bytes.fromhex(pid)
+    for e in entries:
+        try:
+            repo.decode_blob(loc_pack, e, view[e.offset : e.offset + e.length])
+            if e.type == BlobType.TREE:
+                pass
+        except IntegrityError:
+            bad.append(e.id)
+    if storage_id(data) != pid and not bad:
+        raise IntegrityError("does not match its id, though every blob decrypts")
+    return bad
+
+
+def _name_damaged_files(
+    repo: Repository,
+    snapshots: list[Snapshot],
+    bad: set[bytes],
+    res: CheckResult,
+    damage: EventSink | object,
+) -> None:
+    for snap in snapshots:
+        stack: list[tuple[bytes, str]] = [(snap.tree, "")]
+        while stack:
+            tid, path = stack.pop()
+            if tid in bad:
+                res.errors.append(f"snapshot {snap.id[:8]}: tree {path or '/'} is damaged")
+                continue
+            try:
+                nodes = repo.read_tree(tid)
+            except SafeholdError:
+                continue
+            for n in nodes:
+                npath = f"{path}/{os.fsdecode(n.name)}"
+                if n.subtree is not None:
+                    stack.append((n.subtree, npath))
+                if n.content and any(c in bad for c in n.content):
+                    msg = f"snapshot {snap.id[:8]}: file {npath} is damaged"
+                    res.errors.append(msg)
+                    res.damaged_files.append(npath)

@@ -1,0 +1,1 @@
+"""The repository: opening, keys, reading, the write session, locks and the local cache."""
