@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 from pyfastcdc import FastCDC
 
 DEFAULT_AVG = 1 << 20
+
+
+class Readable(Protocol):
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +43,39 @@ class Chunker:
             normalized_chunking=params.normalization,  # type: ignore[arg-type]
             seed=seed,
         )
+        self._buf = bytearray(max(2 * params.max, 1 << 20))
 
-    def chunks(self, stream: BinaryIO) -> Iterator[memoryview]:
-        """The chunks of ``stream``; each view is valid only until the next one is produced."""
-        for chunk in self._cdc.cut_stream(stream):
-            yield chunk.data
+    def chunks(self, stream: Readable) -> Iterator[memoryview]:
+        """The chunks of ``stream``; each view is valid only until the next one is produced.
+
+        Reads into one buffer that this chunker reuses for every stream (no fresh memory per
+        file). A chunk is cut only when at least ``max`` bytes follow its start in the buffer, or
+        the stream has ended, so the cut points are exactly FastCDC's over the whole stream.
+        """
+        buf = self._buf
+        view = memoryview(buf)
+        filled = 0
+        eof = False
+        max_size = self.params.max
+        while True:
+            while not eof and filled < len(buf):
+                n = stream.readinto(view[filled:])
+                if not n:
+                    eof = True
+                else:
+                    filled += n
+            if filled == 0:
+                return
+            pos = 0
+            for chunk in self._cdc.cut_buf(view[:filled]):
+                if not eof and chunk.offset + max_size > filled:
+                    break  # not enough data after this chunk's start to be sure of its end
+                yield chunk.data
+                pos = chunk.offset + chunk.length
+            if eof and pos >= filled:
+                return
+            buf[: filled - pos] = view[pos:filled]
+            filled -= pos
 
     def chunks_of_buffer(self, buf: bytes | memoryview) -> Iterator[memoryview]:
         for chunk in self._cdc.cut_buf(buf):

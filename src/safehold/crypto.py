@@ -102,6 +102,11 @@ class Aead:
     def encrypt(self, nonce: bytes, plaintext: bytes | memoryview) -> bytes:
         return self._aead.encrypt(nonce, plaintext, None)
 
+    def encrypt_into(self, nonce: bytes, plaintext: bytes | memoryview, out: memoryview) -> int:
+        """Encrypt into ``out`` (exactly ``len(plaintext) + TAG_LEN`` bytes); no allocation."""
+        n: int = self._aead.encrypt_into(nonce, plaintext, None, out)
+        return n
+
     def decrypt(self, nonce: bytes, ciphertext: bytes | memoryview) -> bytes:
         try:
             return self._aead.decrypt(nonce, ciphertext, None)

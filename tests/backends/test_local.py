@@ -193,7 +193,7 @@ def test_load_errors_are_mapped(
     backend: LocalBackend, monkeypatch: pytest.MonkeyPatch, code: int, expected: type[Exception]
 ) -> None:
     backend.store("data/x", b"x")
-    monkeypatch.setattr("builtins.open", failing(OSError(code, os.strerror(code))))
+    monkeypatch.setattr(os, "pread", failing(OSError(code, os.strerror(code))))
     with pytest.raises(expected) as info:
         backend.load("data/x")
     assert type(info.value) is expected

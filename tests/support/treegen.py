@@ -453,9 +453,9 @@ def make_tree(root: Path, size_bytes: int, seed: int = 1) -> None:
         )
         for i in range(max(4, n_small // 50))
     ]
-    for p in projects[:2]:
+    for proj in projects[:2]:
         for rel, data in vendored:
-            W.file(f"Projects/{p}/vendor/fastjson/{rel}", data, mtime_ns=BASE_NS)
+            W.file(f"Projects/{proj}/vendor/fastjson/{rel}", data, mtime_ns=BASE_NS)
     # deep nesting, node_modules style
     deep = f"Projects/{projects[0]}/node_modules"
     for lvl in range(_DEEP_LEVELS):
@@ -787,6 +787,13 @@ def _mutate(root_path: Path, seed: int) -> dict[str, object]:
     def count(k: str, n: int = 1) -> None:
         counts[k] += n
 
+    def new_file(rel: str, data: bytes) -> None:
+        with open(p(rel), "xb") as f:
+            f.write(data)
+        os.chmod(p(rel), 0o644)
+        stamp(rel)
+        count("added")
+
     cand = [
         (rel, st)
         for rel, st in files
@@ -880,8 +887,8 @@ def _mutate(root_path: Path, seed: int) -> dict[str, object]:
     ]
     if logs:
         rel = rng.choice(logs)
-        with open(p(rel), "ab") as f:
-            f.write(text_blob("log", 64 * KiB, rng, "appended"))
+        with open(p(rel), "ab") as fa:
+            fa.write(text_blob("log", 64 * KiB, rng, "appended"))
         stamp(rel)
         count("edited")
 
@@ -892,27 +899,15 @@ def _mutate(root_path: Path, seed: int) -> dict[str, object]:
         ext = rng.choice(["py", "md", "txt", "json"])
         rel = f"{rng.choice(live)}/new_{rng.hexs(6)}_{i}.{ext}"
         kind = rng.choice(["code", "prose", "config"])
-        with open(p(rel), "wb") as f:
-            f.write(text_blob(kind, rng.logsize(4, 15), rng, rel))
-        os.chmod(p(rel), 0o644)
-        stamp(rel)
-        count("added")
+        new_file(rel, text_blob(kind, rng.logsize(4, 15), rng, rel))
     newdir = f"Documents/new-{rng.hexs(8)}"
     os.mkdir(p(newdir))
     os.chmod(p(newdir), 0o755)
     touched_dirs.add(os.path.dirname(newdir))
     for i in range(8):
         rel = f"{newdir}/note_{i:02d}.md"
-        with open(p(rel), "wb") as f:
-            f.write(text_blob("prose", rng.logsize(6, 15), rng, rel))
-        os.chmod(p(rel), 0o644)
-        stamp(rel)
-        count("added")
-    with open(p(f"{newdir}/scan.jpg"), "wb") as f:
-        f.write(b"\xff\xd8\xff\xe0" + random_bytes(256 * KiB, seed, "new-scan"))
-    os.chmod(p(f"{newdir}/scan.jpg"), 0o644)
-    stamp(f"{newdir}/scan.jpg")
-    count("added")
+        new_file(rel, text_blob("prose", rng.logsize(6, 15), rng, rel))
+    new_file(f"{newdir}/scan.jpg", b"\xff\xd8\xff\xe0" + random_bytes(256 * KiB, seed, "new-scan"))
 
     # a retargeted symlink
     retarget = "Desktop/readme-link.md" if "Desktop/readme-link.md" in links else None

@@ -101,3 +101,37 @@ def test_parse_duration() -> None:
     for bad in ("", "1w", "d3", "1y 2m"):
         with pytest.raises(UsageError):
             parse_duration(bad)
+
+
+class _Trickle(io.RawIOBase):
+    """A stream that returns at most ``step`` bytes per read, like a pipe or a network."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self.data = memoryview(data)
+        self.pos = 0
+        self.step = step
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: memoryview) -> int:  # type: ignore[override]
+        n = min(len(b), self.step, len(self.data) - self.pos)
+        b[:n] = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+
+@pytest.mark.parametrize("size", [0, 1, 5000, 300_000, 3_000_001])
+@pytest.mark.parametrize("step", [7919, 1 << 20])
+def test_stream_chunking_equals_whole_buffer_fastcdc(size: int, step: int) -> None:
+    """The reused-buffer stream chunker cuts exactly where FastCDC cuts the whole data."""
+    from pyfastcdc import FastCDC
+
+    data = random.Random(size).randbytes(size)
+    p = ChunkerParams.for_avg(16 << 10)
+    c = Chunker(p, 77)
+    want = [
+        bytes(x.data) for x in FastCDC(p.avg, min_size=p.min, max_size=p.max, seed=77).cut_buf(data)
+    ]
+    assert [bytes(x) for x in c.chunks(_Trickle(data, step))] == want
+    assert [bytes(x) for x in c.chunks(io.BytesIO(data))] == want  # the buffer is reused

@@ -62,6 +62,7 @@ class Backend(Protocol):
         Without ``overwrite`` it is create-if-absent: if an object of that name exists with the
         same content this succeeds (so a retried store is harmless), with other content it raises
         :class:`safehold.errors.AlreadyExists`. ``overwrite=True`` is only for lock objects.
+        The caller reuses the buffer of ``data`` once this returns: keep no reference to it.
         """
         ...
 

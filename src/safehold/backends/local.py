@@ -321,14 +321,28 @@ class LocalBackend:
         path = self._path(name)
         check_range(offset, length)
         try:
-            with open(path, "rb") as f:
-                if offset:
-                    f.seek(offset)
-                if length is None:
-                    return f.read()
-                return f.read(length)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise self._error(e, "load", name, path) from e
+        try:
+            if length is None:
+                length = max(os.fstat(fd).st_size - offset, 0)
+            data = os.pread(fd, length, offset)
+            if len(data) < length:  # pread may return less: read on until the end of the object
+                parts = [data]
+                got = len(data)
+                while got < length:
+                    more = os.pread(fd, length - got, offset + got)
+                    if not more:
+                        break
+                    parts.append(more)
+                    got += len(more)
+                data = b"".join(parts)
+            return data
+        except OSError as e:
+            raise self._error(e, "load", name, path) from e
+        finally:
+            os.close(fd)
 
     def store(self, name: str, data: bytes | memoryview, *, overwrite: bool = False) -> None:
         path = self._path(name)

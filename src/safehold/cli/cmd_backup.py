@@ -140,8 +140,9 @@ def cmd_backup(ctx: Context) -> int:
                     repo,
                     opts,
                     events=progress,
-                    stdin=sys.stdin.buffer if a.stdin else None,
+                    stdin=sys.stdin.buffer if a.stdin else None,  # type: ignore[arg-type]
                     stop=stop,
+                    estimate_totals=progress.bar is not None,
                 )
             finally:
                 if lock is not None:

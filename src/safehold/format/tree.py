@@ -66,50 +66,77 @@ class Node:
 
     @classmethod
     def from_obj(cls, raw: Any) -> Node:
-        what = "tree entry"
-        obj = need_map(raw, what)
-        name = field(obj, "name", bytes, what)
-        typ = field(obj, "type", str, what)
-        if typ not in NODE_TYPES:
-            raise FormatError(f"tree entry has unknown type {typ!r}")
-        node = cls(
-            name=name,
-            type=typ,
-            mode=field(obj, "mode", int, what),
-            uid=field(obj, "uid", int, what),
-            gid=field(obj, "gid", int, what),
-            user=field(obj, "user", str, what),
-            group=field(obj, "group", str, what),
-            mtime_ns=field(obj, "mtime", int, what),
-            ctime_ns=field(obj, "ctime", int, what),
-            atime_ns=field(obj, "atime", int, what),
-            size=field(obj, "size", int, what),
-            dev=field(obj, "dev", int, what),
-            ino=field(obj, "ino", int, what),
-            nlink=field(obj, "nlink", int, what),
-            rdev=obj.get("rdev", 0) if isinstance(obj.get("rdev", 0), int) else 0,
-            target=obj.get("target", b"") if isinstance(obj.get("target", b""), bytes) else b"",
-        )
-        if "content" in obj:
-            content = field(obj, "content", list, what)
-            if not all(isinstance(c, bytes) and len(c) == 32 for c in content):
-                raise FormatError("tree entry has a malformed content id")
-            node.content = content
-        if "subtree" in obj:
-            sub = field(obj, "subtree", bytes, what)
-            if len(sub) != 32:
-                raise FormatError("tree entry has a malformed subtree id")
-            node.subtree = sub
-        if "xattrs" in obj:
-            xa = field(obj, "xattrs", dict, what)
-            if not all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in xa.items()):
-                raise FormatError("tree entry has malformed xattrs")
-            node.xattrs = xa
-        if typ == "file" and node.content is None:
+        # the hot path of incremental backups (every parent tree is parsed): one dict lookup per
+        # field, then one pass of exact type checks
+        if type(raw) is not dict:
+            raise FormatError("tree entry is not a map")
+        get = raw.get
+        try:
+            node = cls(
+                raw["name"],
+                raw["type"],
+                raw["mode"],
+                raw["uid"],
+                raw["gid"],
+                raw["user"],
+                raw["group"],
+                raw["mtime"],
+                raw["ctime"],
+                raw["atime"],
+                raw["size"],
+                raw["dev"],
+                raw["ino"],
+                raw["nlink"],
+                get("rdev", 0),
+                get("target", b""),
+                get("content"),
+                get("subtree"),
+                get("xattrs"),
+            )
+        except KeyError as e:
+            raise FormatError(f"tree entry lacks field {e.args[0]!r}") from None
+        if (
+            type(node.name) is not bytes
+            or node.type not in NODE_TYPES
+            or type(node.user) is not str
+            or type(node.group) is not str
+            or type(node.target) is not bytes
+            or not all(type(x) is int for x in _ints(node))
+        ):
+            raise FormatError("tree entry has a field of the wrong type")
+        content, sub, xa = node.content, node.subtree, node.xattrs
+        if content is not None and (
+            type(content) is not list or not all(type(c) is bytes and len(c) == 32 for c in content)
+        ):
+            raise FormatError("tree entry has a malformed content id")
+        if sub is not None and (type(sub) is not bytes or len(sub) != 32):
+            raise FormatError("tree entry has a malformed subtree id")
+        if xa is not None and (
+            type(xa) is not dict
+            or not all(type(k) is bytes and type(v) is bytes for k, v in xa.items())
+        ):
+            raise FormatError("tree entry has malformed xattrs")
+        if node.type == "file" and content is None:
             raise FormatError("file entry has no content list")
-        if typ == "dir" and node.subtree is None:
+        if node.type == "dir" and sub is None:
             raise FormatError("directory entry has no subtree")
         return node
+
+
+def _ints(n: Node) -> tuple[int, ...]:
+    return (
+        n.mode,
+        n.uid,
+        n.gid,
+        n.mtime_ns,
+        n.ctime_ns,
+        n.atime_ns,
+        n.size,
+        n.dev,
+        n.ino,
+        n.nlink,
+        n.rdev,
+    )
 
 
 def tree_to_bytes(nodes: list[Node]) -> bytes:

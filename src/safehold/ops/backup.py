@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import getpass
 import os
 import socket
@@ -21,16 +22,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any
 
 from safehold._version import __version__
-from safehold.chunker import Chunker
+from safehold.chunker import Chunker, Readable
 from safehold.compress import Compression, CompressionRules
 from safehold.errors import Interrupted, SafeholdError, SnapshotNotFound, UsageError
 from safehold.events import Event, EventSink, ignore_events
 from safehold.format.snapshot import Snapshot
 from safehold.format.tree import Node, tree_to_bytes
 from safehold.ids import BlobType
+from safehold.ops.dircache import DirCache, DirState, fingerprint
 from safehold.ops.source import ExcludeRules, node_from_stat
 from safehold.repository.repo import Repository, filter_snapshots
 from safehold.repository.writer import WriteSession
@@ -83,6 +85,9 @@ class _Counters:
     total_bytes: int | None = None
 
 
+_Listing = list[tuple[bytes, os.stat_result | None, OSError | None]] | OSError
+
+
 @dataclass
 class _DirJob:
     node: Node | None
@@ -90,6 +95,11 @@ class _DirJob:
         default_factory=list
     )
     tree_id: bytes | None = None
+    path: bytes = b""
+    fingerprint: bytes | None = None
+    cached: DirState | None = None  # set when the directory is unchanged since the cached run
+    fast_children: list[tuple[bytes, _DirJob]] = field(default_factory=list)
+    failed: bool = False  # something in it could not be read: do not cache its tree
 
 
 class _Archiver:
@@ -128,6 +138,8 @@ class _Archiver:
         self.pending: collections.deque[_DirJob] = collections.deque()
         self.fatal: BaseException | None = None
         self.small = repo.chunker_params.min
+        cache_root = repo.cache.root if repo.cache is not None else None
+        self.dircache = DirCache(cache_root / "dirs.msgpack" if cache_root else None)
 
     # --- reporting --------------------------------------------------------------------------
 
@@ -245,30 +257,23 @@ class _Archiver:
         st: os.stat_result,
         parent: dict[bytes, Node] | None,
         root_dev: int,
+        node: Node | None = None,
     ) -> None:
-        is_dir = stat.S_ISDIR(st.st_mode)
-        if self.rules.excludes_path(path, is_dir):
-            return
-        if (
-            stat.S_ISREG(st.st_mode)
-            and self.rules.larger_than is not None
-            and st.st_size > self.rules.larger_than
-        ):
-            return
-        try:
-            node = node_from_stat(name, st, path)
-        except OSError as e:
-            self.warn(f"cannot read {os.fsdecode(path)}: {e.strerror or e}")
-            return
+        if node is None:
+            if self.excluded(path, st):
+                return
+            try:
+                node = node_from_stat(name, st, path)
+            except OSError as e:
+                self.warn(f"cannot read {os.fsdecode(path)}: {e.strerror or e}")
+                job.failed = True
+                return
         prev = parent.get(name) if parent else None
         if node.type == "dir":
             self.counters.dirs += 1
-            sub_parent = self.parent_nodes(prev.subtree if prev and prev.type == "dir" else None)
-            if self.rules.one_file_system and st.st_dev != root_dev:
-                sub = _DirJob(node)
-                self.pending.append(sub)
-            else:
-                sub = self.walk_dir(path, node, sub_parent, root_dev)
+            sub = self.walk_subdir(
+                path, node, prev.subtree if prev and prev.type == "dir" else None, st, root_dev
+            )
             job.items.append((node, None, sub))
         elif node.type == "file":
             if self.unchanged(prev, node):
@@ -291,32 +296,110 @@ class _Archiver:
             self.counters.others += 1
             job.items.append((node, None, None))
 
-    def walk_dir(
-        self, path: bytes, node: Node | None, parent: dict[bytes, Node] | None, root_dev: int
-    ) -> _DirJob:
-        self.check_stop()
-        job = _DirJob(node)
+    def excluded(self, path: bytes, st: os.stat_result) -> bool:
+        if self.rules.excludes_path(path, stat.S_ISDIR(st.st_mode)):
+            return True
+        return (
+            stat.S_ISREG(st.st_mode)
+            and self.rules.larger_than is not None
+            and st.st_size > self.rules.larger_than
+        )
+
+    def scan_dir(self, path: bytes) -> _Listing:
+        """A directory's entries with their lstat, sorted by name, excludes applied."""
         try:
             with os.scandir(path) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            self.warn(f"cannot read directory {os.fsdecode(path)}: {e.strerror or e}")
-            entries = []
+            return e
         if entries and self.rules.excludes_dir_contents(path):
             entries = [e for e in entries if e.name == b"CACHEDIR.TAG" and self.rules.caches]
         base = path if path.endswith(b"/") else path + b"/"
+        out: list[tuple[bytes, os.stat_result | None, OSError | None]] = []
         for entry in entries:
-            self.check_stop()
-            child = base + entry.name
             try:
                 st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                self.warn(f"{os.fsdecode(child)} vanished while backing up")
-                continue
             except OSError as e:
-                self.warn(f"cannot read {os.fsdecode(child)}: {e.strerror or e}")
+                out.append((entry.name, None, e))
                 continue
-            self.add_entry(job, child, entry.name, st, parent, root_dev)
+            if not self.excluded(base + entry.name, st):
+                out.append((entry.name, st, None))
+        return out
+
+    def walk_subdir(
+        self,
+        path: bytes,
+        node: Node | None,
+        parent_tree: bytes | None,
+        st: os.stat_result,
+        root_dev: int,
+    ) -> _DirJob:
+        self.counters.dirs += 1
+        if self.rules.one_file_system and st.st_dev != root_dev:
+            sub = _DirJob(node)  # a mount point: kept, its contents are not
+            self.pending.append(sub)
+            return sub
+        return self.walk_dir(path, node, parent_tree, root_dev)
+
+    def walk_dir(
+        self, path: bytes, node: Node | None, parent_tree: bytes | None, root_dev: int
+    ) -> _DirJob:
+        self.check_stop()
+        listing = self.scan_dir(path)
+        job = _DirJob(node, path=path)
+        if isinstance(listing, OSError):
+            self.warn(f"cannot read directory {os.fsdecode(path)}: {listing.strerror or listing}")
+            job.failed = True
+            listing = []
+        base = path if path.endswith(b"/") else path + b"/"
+        ok = [(name, st) for name, st, err in listing if st is not None and err is None]
+        if len(ok) == len(listing):
+            job.fingerprint = fingerprint(ok)
+            cached = self.dircache.get(path)
+            if (
+                cached is not None
+                and cached.fingerprint == job.fingerprint
+                and cached.tree in self.session.index
+            ):
+                return self.walk_unchanged(job, cached, ok, base, root_dev)
+        parent = self.parent_nodes(parent_tree)
+        for name, st, err in listing:
+            self.check_stop()
+            child = base + name
+            if isinstance(err, FileNotFoundError):
+                self.warn(f"{os.fsdecode(child)} vanished while backing up")
+            elif err is not None:
+                self.warn(f"cannot read {os.fsdecode(child)}: {err.strerror or err}")
+                job.failed = True
+            else:
+                assert st is not None
+                self.add_entry(job, child, name, st, parent, root_dev)
+        self.pending.append(job)
+        self.drain(block=False)
+        return job
+
+    def walk_unchanged(
+        self,
+        job: _DirJob,
+        cached: DirState,
+        entries: list[tuple[bytes, os.stat_result]],
+        base: bytes,
+        root_dev: int,
+    ) -> _DirJob:
+        """A directory whose entries are as in the cached run: only its subdirectories are
+        walked; its files are neither read nor compared one by one."""
+        job.cached = cached
+        c = self.counters
+        for name, st in entries:
+            if stat.S_ISDIR(st.st_mode):
+                sub = self.walk_subdir(base + name, None, cached.children.get(name), st, root_dev)
+                job.fast_children.append((name, sub))
+            elif stat.S_ISREG(st.st_mode):
+                c.files_unmodified += 1
+                c.files_done += 1
+                c.bytes_done += st.st_size
+            else:
+                c.others += 1
         self.pending.append(job)
         self.drain(block=False)
         return job
@@ -328,14 +411,20 @@ class _Archiver:
                 return
             self.pending.popleft()
             self.finalize(job)
+            job.items = []  # the parent needs only the tree id: free the nodes now
+            job.fast_children = []
 
     def finalize(self, job: _DirJob) -> None:
+        if job.cached is not None:
+            self.finalize_unchanged(job, job.cached)
+            return
         nodes = []
         for node, fut, sub in job.items:
             if fut is not None:
                 content = fut.result()
                 self.check_stop()
                 if content is None:
+                    job.failed = True
                     continue
                 node.content = content
             if sub is not None:
@@ -343,11 +432,32 @@ class _Archiver:
                     raise AssertionError("a subdirectory was not finalized before its parent")
                 node.subtree = sub.tree_id
             nodes.append(node)
+        job.tree_id = self.store_tree(nodes)
+        if job.fingerprint is not None and not job.failed:
+            children = {n.name: n.subtree for n in nodes if n.subtree is not None}
+            self.dircache.put(job.path, DirState(job.fingerprint, job.tree_id, children))
+
+    def finalize_unchanged(self, job: _DirJob, cached: DirState) -> None:
+        children = {}
+        for name, sub in job.fast_children:
+            assert sub.tree_id is not None, "a subdirectory was not finalized before its parent"
+            children[name] = sub.tree_id
+        if children == cached.children:
+            job.tree_id = cached.tree
+        else:  # something deeper changed: the old tree with the new subtree ids
+            nodes = []
+            for n in self.repo.read_tree(cached.tree):
+                if n.type == "dir" and n.name in children:
+                    n = dataclasses.replace(n, subtree=children[n.name])
+                nodes.append(n)
+            job.tree_id = self.store_tree(nodes)
+        self.dircache.put(job.path, DirState(cached.fingerprint, job.tree_id, children))
+
+    def store_tree(self, nodes: list[Node]) -> bytes:
         data = tree_to_bytes(nodes)
         if self.opts.dry_run:
-            job.tree_id = self.session.blob_id(data)
-        else:
-            job.tree_id, _ = self.session.add_blob(BlobType.TREE, data, self.tree_compression)
+            return self.session.blob_id(data)
+        return self.session.add_blob(BlobType.TREE, data, self.tree_compression)[0]
 
     # --- the virtual root -------------------------------------------------------------------
 
@@ -394,7 +504,7 @@ class _Archiver:
         self.pending.append(job)
         return job
 
-    def backup_stdin(self, stream: BinaryIO, name: str) -> bytes:
+    def backup_stdin(self, stream: Readable, name: str) -> bytes:
         now = time.time_ns()
         content, total = self._store_chunks(
             self._chunker().chunks(stream), self.compression.for_path(name)
@@ -457,9 +567,10 @@ def backup(
     opts: BackupOptions,
     *,
     events: EventSink = ignore_events,
-    stdin: BinaryIO | None = None,
+    stdin: Readable | None = None,
     stop: threading.Event | None = None,
     progress_interval: float = 0.5,
+    estimate_totals: bool = False,
 ) -> BackupResult:
     """Back up ``opts.paths`` (or ``stdin`` as ``opts.stdin_filename``) into a new snapshot."""
     started = time.time()
@@ -510,7 +621,7 @@ def backup(
     reporter = threading.Thread(target=report, daemon=True)
     reporter.start()
     bpaths = [os.fsencode(p) for p in paths]
-    if opts.stdin_filename is None:
+    if opts.stdin_filename is None and estimate_totals:
         threading.Thread(target=arch.scan_totals, args=(bpaths,), daemon=True).start()
     try:
         if opts.stdin_filename is not None:
@@ -522,6 +633,8 @@ def backup(
         arch.check_stop()
         if not opts.dry_run:
             session.flush()
+            if opts.stdin_filename is None:
+                arch.dircache.save(bpaths)
     except BaseException:
         stop.set()
         arch.pool.shutdown(wait=True, cancel_futures=True)

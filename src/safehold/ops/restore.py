@@ -8,7 +8,6 @@ write outside the target, not even through a symlink it restored itself.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import stat
 import threading
@@ -22,6 +21,7 @@ import pathspec
 from safehold import crypto
 from safehold.errors import IntegrityError, Interrupted, SafeholdError, UsageError
 from safehold.events import Event, EventSink, ignore_events
+from safehold.format.pack import PackEntry
 from safehold.format.snapshot import Snapshot
 from safehold.format.tree import Node
 from safehold.repository.repo import Repository
@@ -141,6 +141,9 @@ class _Restorer:
         self.in_flight = threading.BoundedSemaphore(max(1, opts.workers) * 8)
         self.futures: list[Future[None]] = []
         self._zero_ids: dict[int, bytes] = {}
+        self.batch: list[_FileJob] = []
+        self.batch_bytes = 0
+        self.uid, self.gid = os.geteuid(), os.getegid()
 
     def error(self, msg: str) -> None:
         with self.lock:
@@ -170,16 +173,21 @@ class _Restorer:
         else:
             os.unlink(name, dir_fd=dir_fd)
 
-    def make_dir(self, dir_fd: int, name: bytes) -> int:
-        self._clear(dir_fd, name, keep_dir=True)
-        with contextlib.suppress(FileExistsError):
+    def make_dir(self, dir_fd: int, name: bytes, parent_fresh: bool) -> tuple[int, bool]:
+        """Open (making it if needed) a directory; also says whether it was made now, empty."""
+        if not parent_fresh:
+            self._clear(dir_fd, name, keep_dir=True)
+        fresh = True
+        try:
             os.mkdir(name, 0o700, dir_fd=dir_fd)
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        except FileExistsError:
+            fresh = False
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd), fresh
 
     def set_meta(self, dir_fd: int, name: bytes, node: Node, fd: int | None = None) -> None:
         target: Any = fd if fd is not None else name
         kw: dict[str, Any] = {} if fd is not None else {"dir_fd": dir_fd, "follow_symlinks": False}
-        if self.owner:
+        if self.owner and (node.uid, node.gid) != (self.uid, self.gid):
             try:
                 os.chown(target, node.uid, node.gid, **kw)
             except OSError as e:
@@ -194,14 +202,16 @@ class _Restorer:
             os.chmod(target, stat.S_IMODE(node.mode), **kw)
         os.utime(target, ns=(node.atime_ns or node.mtime_ns, node.mtime_ns), **kw)
 
-    def entry(self, dir_fd: int, parts: tuple[bytes, ...], node: Node) -> None:
+    def entry(self, dir_fd: int, parts: tuple[bytes, ...], node: Node, fresh: bool) -> None:
+        """Create one non-directory entry; ``fresh``: its directory was just made, empty."""
         name = parts[-1]
         t = node.type
+        if not fresh:
+            self._clear(dir_fd, name, keep_dir=False)
         if t == "file":
             key = (node.dev, node.ino)
             if node.nlink > 1 and key in self.links:
                 src_fd, src_name = self.links[key]
-                self._clear(dir_fd, name, keep_dir=False)
                 try:
                     os.link(
                         src_name, name, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False
@@ -210,7 +220,6 @@ class _Restorer:
                     return
                 except OSError:
                     pass  # fall back to a copy
-            self._clear(dir_fd, name, keep_dir=False)
             fd = os.open(
                 name,
                 os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
@@ -220,16 +229,20 @@ class _Restorer:
             if node.nlink > 1:
                 keep = os.dup(dir_fd)
                 self.links[key] = (keep, name)
-            self.in_flight.acquire()
-            self.futures.append(self.pool.submit(self.write_file, fd, parts, node))
             self.result.files += 1
+            job = _FileJob(fd, parts, node)
+            if node.size >= BATCH_FILE_LIMIT:
+                self.submit([job])
+            else:
+                self.batch.append(job)
+                self.batch_bytes += node.size
+                if len(self.batch) >= BATCH_FILES or self.batch_bytes >= BATCH_BYTES:
+                    self.flush_batch()
         elif t == "symlink":
-            self._clear(dir_fd, name, keep_dir=False)
             os.symlink(node.target, name, dir_fd=dir_fd)
             self.set_meta(dir_fd, name, node)
             self.result.others += 1
         elif t == "fifo":
-            self._clear(dir_fd, name, keep_dir=False)
             os.mkfifo(name, stat.S_IMODE(node.mode), dir_fd=dir_fd)
             self.set_meta(dir_fd, name, node)
             self.result.others += 1
@@ -237,27 +250,69 @@ class _Restorer:
             if os.geteuid() != 0:
                 self.error(f"skipped device {_match_path(parts)} (needs root)")
                 return
-            self._clear(dir_fd, name, keep_dir=False)
             os.mknod(name, node.mode, node.rdev, dir_fd=dir_fd)
             self.set_meta(dir_fd, name, node)
             self.result.others += 1
         else:
             self.result.others += 1  # sockets are not restored
 
-    def write_file(self, fd: int, parts: tuple[bytes, ...], node: Node) -> None:
+    def submit(self, jobs: list[_FileJob]) -> None:
+        self.in_flight.acquire()
+        self.futures.append(self.pool.submit(self.write_files, jobs))
+
+    def flush_batch(self) -> None:
+        if self.batch:
+            self.submit(self.batch)
+            self.batch, self.batch_bytes = [], 0
+
+    def write_files(self, jobs: list[_FileJob]) -> None:
+        """Write a batch of small files (their blobs read pack by pack, in few range reads), or
+        one large file (blob by blob, so memory stays bounded)."""
+        try:
+            blobs: dict[bytes, bytes | memoryview] = {}
+            if len(jobs) > 1 or jobs[0].node.size < BATCH_FILE_LIMIT:
+                blobs = self.prefetch(jobs)
+            for job in jobs:
+                self.write_file(job, blobs)
+        finally:
+            self.in_flight.release()
+
+    def prefetch(self, jobs: list[_FileJob]) -> dict[bytes, bytes | memoryview]:
+        by_pack: dict[bytes, dict[bytes, PackEntry]] = {}
+        index = self.repo.index
+        for job in jobs:
+            for bid in job.node.content or []:
+                loc = index.lookup(bid)
+                if loc is not None:
+                    by_pack.setdefault(loc.pack_id, {})[bid] = loc.entry
+        out: dict[bytes, bytes | memoryview] = {}
+        for pack_id, entries in by_pack.items():
+            try:
+                for e, data in self.repo.read_pack_blobs(pack_id, list(entries.values())):
+                    out[e.id] = data
+            except SafeholdError:
+                pass  # each blob is read again on its own, and its file named if it fails
+        return out
+
+    def write_file(self, job: _FileJob, blobs: dict[bytes, bytes | memoryview]) -> None:
+        fd, parts, node = job.fd, job.parts, job.node
         try:
             if self.stop.is_set():
                 return
-            pos = 0
+            pos = end = 0
             for bid in node.content or []:
                 loc = self.repo.index.lookup(bid)
                 if loc is None:
                     raise IntegrityError(f"blob {bid.hex()[:16]} is missing from the index")
                 n = loc.entry.raw_length
                 if bid != self.zero_id(n):
-                    _write_sparse(fd, memoryview(self.repo.read_blob(bid)), pos)
+                    data = blobs.get(bid)
+                    if data is None:
+                        data = self.repo.read_blob(bid)
+                    end = _write_sparse(fd, memoryview(data), pos)
                 pos += n
-            os.ftruncate(fd, pos)
+            if end != pos:
+                os.ftruncate(fd, pos)  # a hole at the end
             with self.lock:
                 self.result.bytes += pos
             if self.opts.verify:
@@ -268,7 +323,6 @@ class _Restorer:
             self.error(f"cannot restore {_match_path(parts)}: {msg}")
         finally:
             os.close(fd)
-            self.in_flight.release()
 
     def verify(self, fd: int, node: Node) -> None:
         pos = 0
@@ -284,6 +338,19 @@ class _Restorer:
             self.result.verified += 1
 
 
+BATCH_FILE_LIMIT = 1 << 20
+"""Files smaller than this are restored in batches; larger ones blob by blob, one job each."""
+BATCH_FILES = 64
+BATCH_BYTES = 8 << 20
+
+
+@dataclass(slots=True)
+class _FileJob:
+    fd: int
+    parts: tuple[bytes, ...]
+    node: Node
+
+
 HOLE_BLOCK = 64 * 1024
 _ZEROS = bytes(HOLE_BLOCK)
 
@@ -294,13 +361,14 @@ def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
         off += os.pwrite(fd, view[off:], pos + off)
 
 
-def _write_sparse(fd: int, view: memoryview, pos: int) -> None:
+def _write_sparse(fd: int, view: memoryview, pos: int) -> int:
     """Write ``view`` at ``pos``, skipping aligned all-zero blocks so holes stay holes (the file
-    is created empty and truncated to its size at the end, so skipped blocks read as zeros)."""
+    is created empty and truncated to its size at the end, so skipped blocks read as zeros).
+    Returns the end of the last byte written (``pos`` if nothing was)."""
     n = len(view)
     if n < HOLE_BLOCK:
         _pwrite_all(fd, view, pos)
-        return
+        return pos + n
     start = 0  # start of the pending non-zero run
     i = (-pos) % HOLE_BLOCK  # first offset in view aligned in the file
     while i + HOLE_BLOCK <= n:
@@ -311,6 +379,8 @@ def _write_sparse(fd: int, view: memoryview, pos: int) -> None:
         i += HOLE_BLOCK
     if start < n:
         _pwrite_all(fd, view[start:], pos + start)
+        return pos + n
+    return pos + start if start else pos
 
 
 def _rmtree_at(dir_fd: int, name: bytes) -> None:
@@ -343,75 +413,57 @@ def restore(
     os.makedirs(opts.target, exist_ok=True)
     r = _Restorer(repo, opts, events, stop)
     root_fd = os.open(opts.target, _DIR_FLAGS)
-    # (parts, fd, node) of the open directories from the root down
-    stack: list[tuple[tuple[bytes, ...], int, Node | None]] = [((), root_fd, None)]
+    # the open directories from the root down: (parts, fd, node, made empty by this restore)
+    stack: list[tuple[tuple[bytes, ...], int, Node | None, bool]] = [((), root_fd, None, False)]
 
     def close_top() -> None:
-        parts, fd, node = stack.pop()
-        os.close(fd)
-        if node is not None:
-            dirs_meta.append((parts, node))
+        # every entry of the directory exists now (file contents may still be being written,
+        # which does not change a directory): its metadata can be set
+        parts, fd, node, _ = stack.pop()
+        try:
+            if node is not None:
+                r.set_meta(-1, parts[-1], node, fd=fd)
+        except OSError as e:
+            r.error(f"cannot set metadata of {_match_path(parts)}: {e.strerror}")
+        finally:
+            os.close(fd)
 
-    dirs_meta: list[tuple[tuple[bytes, ...], Node]] = []
     try:
         for item in plan:
             if stop.is_set():
                 raise Interrupted("interrupted")
             while stack[-1][0] != item.parts[:-1]:
                 close_top()
-            parent_fd = stack[-1][1]
+            _, parent_fd, _, parent_fresh = stack[-1]
             try:
                 if item.node.type == "dir":
-                    fd = r.make_dir(parent_fd, item.parts[-1])
-                    stack.append((item.parts, fd, item.node))
+                    fd, fresh = r.make_dir(parent_fd, item.parts[-1], parent_fresh)
+                    stack.append((item.parts, fd, item.node, fresh))
                     r.result.dirs += 1
                 else:
-                    r.entry(parent_fd, item.parts, item.node)
+                    r.entry(parent_fd, item.parts, item.node, parent_fresh)
             except OSError as e:
                 if item.node.type == "dir":
                     raise SafeholdError(
                         f"cannot create directory {_match_path(item.parts)}: {e.strerror}"
                     ) from None
                 r.error(f"cannot restore {_match_path(item.parts)}: {e.strerror}")
+        r.flush_batch()
         while len(stack) > 1:
             close_top()
         for fut in r.futures:
             fut.result()
-        # directory metadata last, deepest first, once nothing more is written inside them
-        for parts, node in sorted(dirs_meta, key=lambda x: -len(x[0])):
-            _set_dir_meta(r, root_fd, parts, node)
     finally:
-        stop_pool = stop.is_set()
-        r.pool.shutdown(wait=True, cancel_futures=stop_pool)
+        r.pool.shutdown(wait=True, cancel_futures=stop.is_set())
         for fd, _ in r.links.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
-        for _, fd, _ in stack:
+        for _, fd, _, _ in stack:
             with contextlib.suppress(OSError):
                 os.close(fd)
     if stop.is_set():
         raise Interrupted("interrupted")
     return r.result
-
-
-def _set_dir_meta(r: _Restorer, root_fd: int, parts: tuple[bytes, ...], node: Node) -> None:
-    fds = []
-    try:
-        fd = root_fd
-        for p in parts[:-1]:
-            fd = os.open(p, _DIR_FLAGS, dir_fd=fd)
-            fds.append(fd)
-        dfd = os.open(parts[-1], _DIR_FLAGS, dir_fd=fd)
-        try:
-            r.set_meta(fd, parts[-1], node, fd=dfd)
-        finally:
-            os.close(dfd)
-    except OSError as e:
-        if e.errno != errno.ENOENT:
-            r.error(f"cannot set metadata of {_match_path(parts)}: {e.strerror}")
-    finally:
-        for f in fds:
-            os.close(f)
 
 
 def iter_files(repo: Repository, tree: bytes, prefix: str = "") -> Iterator[tuple[str, Node]]:

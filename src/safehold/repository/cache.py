@@ -33,6 +33,20 @@ class Cache:
             return None
         return data
 
+    def get_range(self, name: str, offset: int, length: int) -> bytes | None:
+        """Part of a cached object, unverified: for blobs, which are authenticated on their own."""
+        try:
+            with open(self._path(name), "rb") as f:
+                f.seek(offset)
+                data = f.read(length)
+        except OSError:
+            return None
+        return data if len(data) == length else None
+
+    def drop(self, name: str) -> None:
+        with contextlib.suppress(OSError):
+            self._path(name).unlink()
+
     def put(self, name: str, data: bytes) -> None:
         path = self._path(name)
         try:

@@ -304,14 +304,20 @@ class Repository:
         e = loc.entry
         name = pack_name(loc.pack_id.hex())
         if e.type == BlobType.TREE and self.cache is not None:
-            packed = self.cache.get(name, loc.pack_id.hex())
-            if packed is None:
-                packed = self.load_verified(name)
-                self.cache.put(name, packed)
-            stored: bytes | memoryview = memoryview(packed)[e.offset : e.offset + e.length]
-        else:
-            stored = self.backend.load(name, e.offset, e.length)
-        return self.decode_blob(loc.pack_id, e, stored)
+            # tree packs are cached whole; a cached blob is authenticated like any other, and a
+            # damaged cache file is dropped and read again from the repository
+            cached = self.cache.get_range(name, e.offset, e.length)
+            if cached is not None:
+                try:
+                    return self.decode_blob(loc.pack_id, e, cached)
+                except IntegrityError:
+                    self.cache.drop(name)
+            packed = self.load_verified(name)
+            self.cache.put(name, packed)
+            return self.decode_blob(
+                loc.pack_id, e, memoryview(packed)[e.offset : e.offset + e.length]
+            )
+        return self.decode_blob(loc.pack_id, e, self.backend.load(name, e.offset, e.length))
 
     def read_pack_blobs(
         self, pack_id: bytes, entries: list[PackEntry], *, max_gap: int = 1 << 20

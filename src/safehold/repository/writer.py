@@ -8,15 +8,17 @@ last, by the caller, after :meth:`WriteSession.flush`.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from safehold import crypto
 from safehold.compress import Compression, compress
 from safehold.format.index import IndexedPack, IndexFile
 from safehold.format.pack import (
+    BLOB_OVERHEAD,
     HEADER_NONCE,
     PACK_END_MAGIC,
     PACK_MAGIC,
@@ -41,14 +43,78 @@ class WriteStats:
     index_objects: int = 0
 
 
-@dataclass(slots=True)
+HEADER_ENTRY_MAX = 64
+"""The most one blob entry adds to a pack header (msgpack of [type, id, offset, length, raw
+length, codec] is at most 57 bytes, plus the encryption of the header: 16 bytes in all)."""
+
+
 class _OpenPack:
-    type: BlobType
-    aead: crypto.Aead
-    sealed_key: bytes
-    parts: list[bytes | memoryview] = field(default_factory=list)
-    size: int = PACK_PREFIX_LEN
-    entries: list[PackEntry] = field(default_factory=list)
+    """A pack being filled, in a reusable buffer: blobs are encrypted straight into it."""
+
+    __slots__ = ("aead", "buf", "entries", "sealed_key", "size", "type", "view")
+
+    def __init__(self, type: BlobType, buf: bytearray, public_key: bytes) -> None:
+        key = crypto.random_key()
+        self.type = type
+        self.aead = crypto.Aead(key)
+        self.sealed_key = crypto.seal_key(public_key, key)
+        self.buf = buf
+        self.view = memoryview(buf)
+        self.view[: len(PACK_MAGIC)] = PACK_MAGIC
+        self.view[len(PACK_MAGIC) : PACK_PREFIX_LEN] = self.sealed_key
+        self.size = PACK_PREFIX_LEN
+        self.entries: list[PackEntry] = []
+
+    def room(self) -> int:
+        """Bytes left for blobs, keeping room for the header that lists them and one more."""
+        return len(self.buf) - self.size - (len(self.entries) + 1) * HEADER_ENTRY_MAX - 256
+
+    def append(self, blob_id: bytes, payload: bytes | memoryview, raw_len: int, codec: int) -> int:
+        nonce = crypto.counter_nonce(len(self.entries))
+        start = self.size
+        length = len(nonce) + len(payload) + crypto.TAG_LEN
+        self.view[start : start + len(nonce)] = nonce
+        self.aead.encrypt_into(nonce, payload, self.view[start + len(nonce) : start + length])
+        self.entries.append(PackEntry(self.type, blob_id, start, length, raw_len, codec))
+        self.size += length
+        return length
+
+    def finish(self) -> memoryview:
+        """Append the encrypted header and trailer; the pack's bytes (a view of the buffer)."""
+        header = self.aead.encrypt(HEADER_NONCE, header_to_bytes(self.entries))
+        tail = header + TRAILER.pack(len(header), PACK_END_MAGIC)
+        if self.size + len(tail) > len(self.buf):  # cannot happen while room() keeps its promise
+            self.view.release()
+            self.buf.extend(bytes(self.size + len(tail) - len(self.buf)))
+            self.view = memoryview(self.buf)
+        self.view[self.size : self.size + len(tail)] = tail
+        self.size += len(tail)
+        return self.view[: self.size]
+
+
+class _BufferPool:
+    """Pack buffers, reused: touching fresh memory costs more than reusing it, and the number of
+    buffers bounds the memory that packing can use whatever the data size."""
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size = size
+        self._free: queue.LifoQueue[bytearray] = queue.LifoQueue()
+        self._made = 0
+        self._count = count
+        self._lock = threading.Lock()
+
+    def get(self, at_least: int) -> bytearray:
+        if at_least > self.size:
+            return bytearray(at_least)  # an oversized blob gets a pack of its own, not pooled
+        with self._lock:
+            if self._free.empty() and self._made < self._count:
+                self._made += 1
+                return bytearray(self.size)
+        return self._free.get()
+
+    def put(self, buf: bytearray) -> None:
+        if len(buf) == self.size:
+            self._free.put(buf)
 
 
 class WriteSession:
@@ -75,6 +141,9 @@ class WriteSession:
         self.on_pack_stored = on_pack_stored
         self._id_key = repo.secrets.id_key
         self.index_ids: list[str] = []
+        # a pack closes at its target size, or earlier when the next blob would not fit; three
+        # buffers: the open data pack, the open tree pack and one being stored
+        self._pool = _BufferPool(self.target + (256 << 10), 3)
 
     def blob_id(self, data: bytes | memoryview) -> bytes:
         return crypto.content_id(self._id_key, data)
@@ -97,53 +166,53 @@ class WriteSession:
                 return bid, False
             self._reserved.add(bid)
         payload, codec = compress(data, compression)
-        if payload is data and isinstance(payload, memoryview):
-            payload = bytes(payload)  # the caller's buffer will be reused
-        full = None
-        with self._lock:
-            pack = self._open[type]
-            if pack is None:
-                pack = self._open[type] = self._new_pack(type)
-            nonce = crypto.counter_nonce(len(pack.entries))
-            ct = pack.aead.encrypt(nonce, payload)
-            length = len(nonce) + len(ct)
-            pack.entries.append(PackEntry(type, bid, pack.size, length, len(data), codec))
-            pack.parts.append(nonce)
-            pack.parts.append(ct)
-            pack.size += length
-            self.stats.blobs_new += 1
-            self.stats.bytes_new_raw += len(data)
-            self.stats.bytes_new_stored += length
-            if pack.size >= self.target:
-                self._open[type] = None
-                full = pack
-        if full is not None:
-            self._store_pack(full)
-        return bid, True
-
-    def _new_pack(self, type: BlobType) -> _OpenPack:
-        key = crypto.random_key()
-        sealed = crypto.seal_key(self.repo.config.public_key, key)
-        return _OpenPack(type, crypto.Aead(key), sealed, [PACK_MAGIC + sealed])
+        need = len(payload) + BLOB_OVERHEAD
+        while True:
+            full = None
+            done = False
+            with self._lock:
+                pack = self._open[type]
+                if pack is not None and pack.room() >= need + (64 << 10):
+                    pack.append(bid, payload, len(data), codec)
+                    self.stats.blobs_new += 1
+                    self.stats.bytes_new_raw += len(data)
+                    self.stats.bytes_new_stored += need
+                    done = True
+                    if pack.size >= self.target:
+                        self._open[type] = None
+                        full = pack
+                elif pack is not None:
+                    full, self._open[type] = pack, None  # no room: close it, start another
+            if full is not None:
+                self._store_pack(full)
+            if done:
+                return bid, True
+            # get a fresh buffer (this may wait for a pack being stored) and try again
+            buf = self._pool.get(need + PACK_PREFIX_LEN + (128 << 10))
+            with self._lock:
+                unused = self._open[type] is not None
+                if not unused:
+                    self._open[type] = _OpenPack(type, buf, self.repo.config.public_key)
+            if unused:
+                self._pool.put(buf)
 
     def _store_pack(self, pack: _OpenPack) -> None:
-        header = pack.aead.encrypt(HEADER_NONCE, header_to_bytes(pack.entries))
-        pack.parts.append(header)
-        pack.parts.append(TRAILER.pack(len(header), PACK_END_MAGIC))
-        data = b"".join(pack.parts)
-        pack.parts.clear()
-        pid = storage_id(data)
-        self.repo.backend.store(pack_name(pid), data)
-        indexed = IndexedPack(bytes.fromhex(pid), len(data), pack.sealed_key, pack.entries)
-        # the pack key is already known: remember it so reading back needs no unsealing
+        try:
+            data = pack.finish()
+            pid = storage_id(data)
+            self.repo.backend.store(pack_name(pid), data)
+            size = len(data)
+        finally:
+            self._pool.put(pack.buf)
+        indexed = IndexedPack(bytes.fromhex(pid), size, pack.sealed_key, pack.entries)
         self.index.add_pack(indexed)
         with self._lock:
             for e in pack.entries:
                 self._reserved.discard(e.id)
             self.stats.packs_stored += 1
-            self.stats.bytes_uploaded += len(data)
+            self.stats.bytes_uploaded += size
         if self.on_pack_stored is not None:
-            self.on_pack_stored(pid, len(data))
+            self.on_pack_stored(pid, size)
         with self._index_lock:
             self._pending.append(indexed)
             due = len(self._pending) >= self.flush_packs or (
