@@ -41,7 +41,9 @@ class Chunker:
             min_size=params.min,
             max_size=params.max,
             normalized_chunking=params.normalization,  # type: ignore[arg-type]
-            seed=seed,
+            # bits 48-63 of the seed never reach FastCDC's masks (docs/format.md §13), and the
+            # compiled pyfastcdc refuses seeds >= 2**63: dropping bit 63 changes no cut point
+            seed=seed & ((1 << 63) - 1),
         )
         self._buf = bytearray(max(2 * params.max, 1 << 20))
 

@@ -135,3 +135,9 @@ def test_stream_chunking_equals_whole_buffer_fastcdc(size: int, step: int) -> No
     ]
     assert [bytes(x) for x in c.chunks(_Trickle(data, step))] == want
     assert [bytes(x) for x in c.chunks(io.BytesIO(data))] == want  # the buffer is reused
+
+
+def test_seed_bit_63_is_accepted_and_changes_nothing() -> None:
+    data = random.Random(9).randbytes(2_000_000)
+    low = _cuts(data, 12345)
+    assert _cuts(data, 12345 | (1 << 63)) == low

@@ -38,6 +38,9 @@ from safehold.repository.repo import Repository, filter_snapshots
 from safehold.repository.writer import WriteSession
 
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
+SCAN_THREADS = 4
+SLOW_SCAN_S = 10e-6
+"""Listing a directory slower than this per entry means its metadata came from the disk."""
 
 
 @dataclass
@@ -136,6 +139,8 @@ class _Archiver:
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="safehold-backup")
         self.in_flight = threading.BoundedSemaphore(self.workers * 4)
         self.pending: collections.deque[_DirJob] = collections.deque()
+        self.scan_pool = ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="safehold-scan")
+        self.prefetched: dict[bytes, Future[tuple[_Listing, float]]] = {}
         self.fatal: BaseException | None = None
         self.small = repo.chunker_params.min
         cache_root = repo.cache.root if repo.cache is not None else None
@@ -326,6 +331,11 @@ class _Archiver:
                 out.append((entry.name, st, None))
         return out
 
+    def timed_scan(self, path: bytes) -> tuple[_Listing, float]:
+        t0 = time.perf_counter()
+        listing = self.scan_dir(path)
+        return listing, time.perf_counter() - t0
+
     def walk_subdir(
         self,
         path: bytes,
@@ -345,8 +355,23 @@ class _Archiver:
         self, path: bytes, node: Node | None, parent_tree: bytes | None, root_dev: int
     ) -> _DirJob:
         self.check_stop()
-        listing = self.scan_dir(path)
+        fut = self.prefetched.pop(path, None)
+        listing, took = fut.result() if fut is not None else self.timed_scan(path)
         job = _DirJob(node, path=path)
+        # when reading directories has to wait for the disk (a cold cache), list the
+        # subdirectories ahead in threads so that several reads are in flight; when it does not,
+        # prefetching only costs GIL hand-offs
+        if (
+            not isinstance(listing, OSError)
+            and took > SLOW_SCAN_S * (len(listing) + 1)
+            and len(self.prefetched) < 4096
+        ):
+            pbase = path if path.endswith(b"/") else path + b"/"
+            for name, st, _ in listing:
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    self.prefetched[pbase + name] = self.scan_pool.submit(
+                        self.timed_scan, pbase + name
+                    )
         if isinstance(listing, OSError):
             self.warn(f"cannot read directory {os.fsdecode(path)}: {listing.strerror or listing}")
             job.failed = True
@@ -630,6 +655,7 @@ def backup(
         else:
             tree = arch.backup_paths(bpaths, parent.tree if parent else None)
         arch.pool.shutdown(wait=True)
+        arch.scan_pool.shutdown(wait=True)
         arch.check_stop()
         if not opts.dry_run:
             session.flush()
@@ -638,6 +664,7 @@ def backup(
     except BaseException:
         stop.set()
         arch.pool.shutdown(wait=True, cancel_futures=True)
+        arch.scan_pool.shutdown(wait=True, cancel_futures=True)
         if not opts.dry_run:
             with contextlib.suppress(BaseException):
                 session.flush()  # what was stored stays reusable

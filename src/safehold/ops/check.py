@@ -24,7 +24,7 @@ from safehold.repository.repo import Repository
 class CheckOptions:
     read_data: bool = False
     subset: str | None = None  # "10%" or "n/t"
-    workers: int = 4
+    workers: int = 2  # each holds one whole pack in memory
 
 
 @dataclass

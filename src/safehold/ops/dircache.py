@@ -8,7 +8,7 @@ must still be in the repository's index.
 
 The fingerprint covers name, type and mode, owner, size, mtime, ctime, inode, link count and
 device number of every entry; any change of content, metadata, xattrs or symlink target changes
-the ctime, so it shows. Access times are not covered: a reused tree keeps the atimes it recorded.
+the ctime, so it shows. Access times are not covered (backups do not record them).
 """
 
 from __future__ import annotations

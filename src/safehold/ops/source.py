@@ -80,7 +80,7 @@ def node_from_stat(name: bytes, st: os.stat_result, path: bytes) -> Node:
         group=group_name(st.st_gid),
         mtime_ns=st.st_mtime_ns,
         ctime_ns=st.st_ctime_ns,
-        atime_ns=st.st_atime_ns,
+        atime_ns=0,  # not recorded: reading a file changes it, and trees would never repeat
         size=st.st_size if typ in ("file", "symlink") else 0,
         dev=st.st_dev,
         ino=st.st_ino,
