@@ -116,3 +116,17 @@ def test_keys_add_passwd_remove(repo: Repository) -> None:
     assert Repository.open(repo.backend, b"third").config.repo_id == repo.config.repo_id
     with pytest.raises(WrongPassword):
         Repository.open(repo.backend, b"second")
+
+
+def test_blob_larger_than_a_pack_gets_its_own_and_no_pack_is_empty(repo: Repository) -> None:
+    s = repo.write_session()
+    small = os.urandom(200_000)
+    big = os.urandom(3 << 20)  # the repository's packs are 1 MiB
+    ids = [s.add_blob(BlobType.DATA, d, Compression("none"))[0] for d in (small, big, small[:-1])]
+    s.flush()
+    fresh = Repository.open(repo.backend, PASSWORD.encode())
+    assert [bytes(fresh.read_blob(i)) for i in ids] == [small, big, small[:-1]]
+    packs = fresh.index.packs()
+    assert packs and all(p.blobs for p in packs)
+    for p in packs:
+        assert [e.id for e in fresh.read_pack_header(p.pack_id.hex())] == [e.id for e in p.blobs]

@@ -25,6 +25,11 @@ def storage_id(data: bytes | memoryview) -> str:
     return blake3.blake3(data).hexdigest()
 
 
+def storage_hasher() -> blake3.blake3:
+    """An incremental hasher whose ``hexdigest()`` is the storage id of everything fed to it."""
+    return blake3.blake3()
+
+
 def pack_name(pack_id: str) -> str:
     return f"data/{pack_id[:2]}/{pack_id}"
 

@@ -91,6 +91,6 @@ def parse_trailer(tail: bytes, pack_size: int) -> tuple[int, int]:
     if magic != PACK_END_MAGIC:
         raise FormatError("pack has no valid trailer")
     offset = pack_size - TRAILER.size - length
-    if offset < PACK_PREFIX_LEN or length < BLOB_OVERHEAD:
+    if offset < PACK_PREFIX_LEN or length < 16:
         raise FormatError("pack trailer gives an impossible header length")
     return offset, length

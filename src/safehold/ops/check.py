@@ -12,11 +12,25 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from safehold import crypto
-from safehold.errors import BackendError, IntegrityError, NotFound, SafeholdError, UsageError
+from safehold.errors import (
+    BackendError,
+    FormatError,
+    IntegrityError,
+    NotFound,
+    SafeholdError,
+    UsageError,
+)
 from safehold.events import Event, EventSink, ignore_events
-from safehold.format.pack import HEADER_NONCE, PACK_PREFIX_LEN, TRAILER, header_from_bytes
+from safehold.format.pack import (
+    HEADER_NONCE,
+    PACK_PREFIX_LEN,
+    TRAILER,
+    check_entries,
+    header_from_bytes,
+    parse_trailer,
+)
 from safehold.format.snapshot import Snapshot
-from safehold.ids import BlobType, name_to_id, pack_name, storage_id
+from safehold.ids import name_to_id, pack_name, storage_hasher
 from safehold.repository.repo import Repository
 
 
@@ -176,31 +190,61 @@ def check(
     return res
 
 
+SEGMENT = 4 << 20
+"""Packs are verified in sequential reads of about this size: memory stays small per pack."""
+
+
 def _verify_pack(repo: Repository, pid: str, size: int) -> list[bytes]:
-    """Read a whole pack; returns the ids of blobs that fail. Raises if the pack is unreadable."""
-    data = repo.backend.load(pack_name(pid))
-    bad: list[bytes] = []
-    if len(data) != size:
-        raise IntegrityError(f"is {len(data)} bytes, the index says {size}")
-    if storage_id(data) != pid:
-        # find out which blobs are hit, to name the files
-        pass
+    """Read a pack from end to end; returns the ids of blobs that fail. Raises if the pack is
+    unreadable as a whole (truncated, trailer or header damaged, or it does not match its id)."""
     if repo.secrets.private_key is None:
         raise UsageError("check --read-data needs a full key")
-    view = memoryview(data)
-    aead = crypto.Aead(crypto.unseal_key(repo.secrets.private_key, data[4:PACK_PREFIX_LEN]))
-    length, _ = TRAILER.unpack(data[-TRAILER.size :])
-    hdr_off = size - TRAILER.size - length
-    entries = header_from_bytes(aead.decrypt(HEADER_NONCE, view[hdr_off : size - TRAILER.size]))
-    loc_pack = bytes.fromhex(pid)
-    for e in entries:
-        try:
-            repo.decode_blob(loc_pack, e, view[e.offset : e.offset + e.length])
-            if e.type == BlobType.TREE:
-                pass
-        except IntegrityError:
-            bad.append(e.id)
-    if storage_id(data) != pid and not bad:
+    name = pack_name(pid)
+    if size < PACK_PREFIX_LEN + TRAILER.size:
+        raise IntegrityError("is truncated")
+    prefix = repo.backend.load(name, 0, PACK_PREFIX_LEN)
+    trailer = repo.backend.load(name, size - TRAILER.size, TRAILER.size)
+    hdr_off, hdr_len = parse_trailer(trailer, size)
+    header = repo.backend.load(name, hdr_off, hdr_len)
+    if len(prefix) != PACK_PREFIX_LEN or len(header) != hdr_len:
+        raise IntegrityError("is shorter than it should be")
+    hasher = storage_hasher()
+    hasher.update(prefix)
+    bad: list[bytes] = []
+    try:
+        aead = crypto.Aead(crypto.unseal_key(repo.secrets.private_key, prefix[4:PACK_PREFIX_LEN]))
+        entries = header_from_bytes(aead.decrypt(HEADER_NONCE, header))
+        check_entries(entries, hdr_off)
+    except (IntegrityError, FormatError):
+        entries = None
+    pack_id = bytes.fromhex(pid)
+    pos = PACK_PREFIX_LEN
+    todo = sorted(entries or [], key=lambda e: e.offset)
+    i = 0
+    while pos < hdr_off:
+        # one read: whole blobs up to about SEGMENT bytes (at least one blob), gaps included
+        j, end = i, pos
+        while j < len(todo) and (j == i or todo[j].offset + todo[j].length - pos <= SEGMENT):
+            end = todo[j].offset + todo[j].length
+            j += 1
+        if j == i:  # no blob left: the rest up to the header, SEGMENT at a time
+            end = min(pos + SEGMENT, hdr_off)
+        data = repo.backend.load(name, pos, end - pos)
+        if len(data) != end - pos:
+            raise IntegrityError("is shorter than it should be")
+        hasher.update(data)
+        view = memoryview(data)
+        for e in todo[i:j]:
+            try:
+                repo.decode_blob(pack_id, e, view[e.offset - pos : e.offset - pos + e.length])
+            except IntegrityError:
+                bad.append(e.id)
+        i, pos = j, end
+    hasher.update(header)
+    hasher.update(trailer)
+    if entries is None:
+        raise IntegrityError("its header cannot be read (damaged)")
+    if hasher.hexdigest() != pid and not bad:
         raise IntegrityError("does not match its id, though every blob decrypts")
     return bad
 

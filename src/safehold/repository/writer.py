@@ -183,8 +183,10 @@ class WriteSession:
                         full = pack
                 elif pack is not None:
                     full, self._open[type] = pack, None  # no room: close it, start another
-            if full is not None:
+            if full is not None and full.entries:
                 self._store_pack(full)
+            elif full is not None:  # an empty pack too small for this blob: never stored
+                self._pool.put(full.buf)
             if done:
                 return bid, True
             # get a fresh buffer (this may wait for a pack being stored) and try again
