@@ -182,3 +182,29 @@ def test_snapshot_filters_and_latest(cli: Cli, tmp_path: Path) -> None:
     r = cli("ls", "latest", "--host", "nobody")
     assert r.code == 2 and "no snapshot" in r.err
     shutil.rmtree(a)
+
+
+def test_zeros_and_holes_restore_exactly(cli: Cli, tmp_path: Path) -> None:
+    """Zero runs stored as data and real holes, at the start, middle and end of files."""
+    k = 64 * 1024
+    src = tmp_path / "z"
+    src.mkdir()
+    contents = {
+        "tail-zeros": os.urandom(k) + bytes(2 * k),  # one blob ending in aligned zero blocks
+        "all-zeros": bytes(3 * k),
+        "middle": os.urandom(100) + bytes(5 * k) + os.urandom(100),
+        "big-tail": os.urandom(3 << 20) + bytes(2 << 20),  # several chunks
+        "empty": b"",
+    }
+    for name, data in contents.items():
+        (src / name).write_bytes(data)
+    with open(src / "hole-at-end", "wb") as f:
+        f.write(b"head")
+        f.truncate(4 << 20)
+    cli.ok("init", "--chunk-avg", "64K")
+    cli.ok("backup", str(src))
+    cli.ok("restore", "latest", "--target", str(tmp_path / "r"))
+    out = _restored(tmp_path / "r", src)
+    for name, data in contents.items():
+        assert (out / name).read_bytes() == data, name
+    assert compare_trees(src, out) == []

@@ -299,7 +299,7 @@ class _Restorer:
         try:
             if self.stop.is_set():
                 return
-            pos = end = 0
+            pos = end = 0  # end: how far the file has been written
             for bid in node.content or []:
                 loc = self.repo.index.lookup(bid)
                 if loc is None:
@@ -309,7 +309,7 @@ class _Restorer:
                     data = blobs.get(bid)
                     if data is None:
                         data = self.repo.read_blob(bid)
-                    end = _write_sparse(fd, memoryview(data), pos)
+                    end = max(end, _write_sparse(fd, memoryview(data), pos))
                 pos += n
             if end != pos:
                 os.ftruncate(fd, pos)  # a hole at the end
@@ -364,23 +364,26 @@ def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
 def _write_sparse(fd: int, view: memoryview, pos: int) -> int:
     """Write ``view`` at ``pos``, skipping aligned all-zero blocks so holes stay holes (the file
     is created empty and truncated to its size at the end, so skipped blocks read as zeros).
-    Returns the end of the last byte written (``pos`` if nothing was)."""
+    Returns the end of the last byte actually written, ``pos`` if none was: the caller extends
+    the file with ftruncate when that falls short of the file's size."""
     n = len(view)
     if n < HOLE_BLOCK:
         _pwrite_all(fd, view, pos)
         return pos + n
+    written = pos
     start = 0  # start of the pending non-zero run
     i = (-pos) % HOLE_BLOCK  # first offset in view aligned in the file
     while i + HOLE_BLOCK <= n:
         if view[i : i + HOLE_BLOCK] == _ZEROS:
             if i > start:
                 _pwrite_all(fd, view[start:i], pos + start)
+                written = pos + i
             start = i + HOLE_BLOCK
         i += HOLE_BLOCK
     if start < n:
         _pwrite_all(fd, view[start:], pos + start)
-        return pos + n
-    return pos + start if start else pos
+        written = pos + n
+    return written
 
 
 def _rmtree_at(dir_fd: int, name: bytes) -> None:
