@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from tests.conftest import Cli
+from tests.fixtures.make_v1_repo import manifest
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-
-
-def _restored_manifest(root: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            rel = os.path.relpath(p, os.fsencode(root)).hex()
-            st = os.lstat(p)
-            e: dict[str, Any] = {"mode": st.st_mode, "mtime_ns": st.st_mtime_ns}
-            if os.path.islink(p):
-                e["target"] = os.readlink(p).hex()
-            elif os.path.isfile(p):
-                e["size"] = st.st_size
-                with open(p, "rb") as f:
-                    e["sha256"] = hashlib.sha256(f.read()).hexdigest()
-                e["nlink"] = st.st_nlink
-            out[rel] = e
-    return out
 
 
 def test_v1_fixture_opens_checks_and_restores(cli: Cli, tmp_path: Path) -> None:
@@ -45,7 +24,7 @@ def test_v1_fixture_opens_checks_and_restores(cli: Cli, tmp_path: Path) -> None:
     assert "no errors" in r.out
     target = tmp_path / "restore"
     cli.ok("restore", doc["snapshot"][:8], "--target", str(target), repo=False, env=env)
-    got = _restored_manifest(target / doc["source"].lstrip("/"))
+    got = manifest(target / doc["source"].lstrip("/"))
     assert got == doc["entries"]
     sparse = target / doc["source"].lstrip("/") / "sparse.img"
     assert sparse.stat().st_blocks * 512 < sparse.stat().st_size

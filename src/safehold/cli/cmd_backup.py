@@ -143,6 +143,7 @@ def cmd_backup(ctx: Context) -> int:
                     stdin=sys.stdin.buffer if a.stdin else None,  # type: ignore[arg-type]
                     stop=stop,
                     estimate_totals=progress.bar is not None,
+                    lease=lock.check if lock is not None else None,
                 )
             finally:
                 if lock is not None:

@@ -596,8 +596,13 @@ def backup(
     stop: threading.Event | None = None,
     progress_interval: float = 0.5,
     estimate_totals: bool = False,
+    lease: Callable[[], None] | None = None,
 ) -> BackupResult:
-    """Back up ``opts.paths`` (or ``stdin`` as ``opts.stdin_filename``) into a new snapshot."""
+    """Back up ``opts.paths`` (or ``stdin`` as ``opts.stdin_filename``) into a new snapshot.
+
+    ``lease``, when given, is called just before the snapshot is stored and raises if the
+    caller's repository lock can no longer be proven valid (then nothing is committed).
+    """
     started = time.time()
     stop = stop or threading.Event()
     if opts.stdin_filename is not None:
@@ -711,6 +716,8 @@ def backup(
             program=f"safehold {__version__}",
             summary=summary,
         )
+        if lease is not None:
+            lease()
         repo.save_snapshot(snap)
         summary["snapshot"] = snap.id
     summary["parent"] = parent.id if parent else None

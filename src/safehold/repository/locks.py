@@ -99,6 +99,7 @@ class RepositoryLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.refresh_error: BaseException | None = None
+        self.refreshed = 0.0  # monotonic time of the last successful write of the lock
 
     def _payload(self) -> bytes:
         try:
@@ -124,6 +125,7 @@ class RepositoryLock:
         if conflicts:
             raise Locked(f"repository is locked: {conflicts[0].describe()}")
         self.backend.store(lock_name(self.lock_id), self._payload(), overwrite=True)
+        self.refreshed = time.monotonic()
         # someone may have locked at the same moment: check again, back off if we clash
         conflicts = self._conflicts()
         if conflicts:
@@ -146,8 +148,21 @@ class RepositoryLock:
         while not self._stop.wait(REFRESH_SECONDS):
             try:
                 self.backend.store(lock_name(self.lock_id), self._payload(), overwrite=True)
+                self.refreshed = time.monotonic()
+                self.refresh_error = None
             except SafeholdError as e:
                 self.refresh_error = e
+
+    def check(self) -> None:
+        """Raise Locked unless the lease is provably still held (its last refresh is younger
+        than the lease, with a margin): a client that cannot prove it must not commit."""
+        age = time.monotonic() - self.refreshed
+        if age > LEASE_SECONDS - REFRESH_SECONDS:
+            why = f": {self.refresh_error}" if self.refresh_error else ""
+            raise Locked(
+                f"lost the repository lock (not refreshed for {age:.0f}s{why}); "
+                "nothing was committed, and what was stored is reused by the next run"
+            )
 
     def release(self) -> None:
         self._stop.set()

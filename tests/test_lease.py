@@ -1,0 +1,35 @@
+"""A backup whose lock lease cannot be proven valid commits nothing."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from safehold.errors import Locked
+from safehold.ops.backup import BackupOptions, backup
+from safehold.repository.locks import LEASE_SECONDS
+from safehold.repository.repo import Repository
+
+
+def test_lost_lease_commits_no_snapshot_and_keeps_the_uploads(
+    repo: Repository, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(300_000))
+    lock = repo.lock()
+    try:
+        lock.refreshed = time.monotonic() - LEASE_SECONDS  # as if refreshes had been failing
+        with pytest.raises(Locked, match="lost the repository lock"):
+            backup(repo, BackupOptions(paths=[str(src)]), lease=lock.check)
+        assert repo.snapshots() == []
+        assert repo.reload_index().blob_count() > 0  # the data is indexed, reused next time
+        lock.refreshed = time.monotonic()
+        result = backup(repo, BackupOptions(paths=[str(src)]), lease=lock.check)
+        assert result.snapshot is not None
+        assert result.summary["data_added"] < 1000  # nothing uploaded again but the trees
+    finally:
+        lock.release()
