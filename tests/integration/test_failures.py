@@ -330,3 +330,55 @@ def test_sigkill_mid_backup_leaves_no_snapshot_and_uploads_are_reused(
     for i in range(12):
         restored = tmp_path / "r" / str(src).lstrip("/") / f"f{i}.bin"
         assert restored.read_bytes() == (src / f"f{i}.bin").read_bytes()
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    return r.returncode == 0
+
+
+def test_full_disk_is_one_line_exit_2_and_loses_nothing(cli: Cli, tmp_path: Path) -> None:
+    disk = tmp_path / "small-disk"
+    if not _mount_tmpfs(disk, "6m"):
+        pytest.skip("needs root and mount to make a small filesystem")
+    try:
+        cli.repo = disk / "repo"
+        src = tmp_path / "s"
+        src.mkdir()
+        (src / "small.txt").write_text("fits")
+        cli.ok("init", "--pack-size", "1M")
+        first = json.loads(cli.ok("backup", "--json", str(src)).out.splitlines()[-1])
+        for i in range(4):
+            (src / f"big{i}.bin").write_bytes(os.urandom(3 << 20))
+        r = cli("backup", str(src))
+        assert r.code == 2, str(r)
+        assert "disk full" in _one_line(r.err)
+        # nothing lost: the earlier snapshot is intact and the repository checks clean
+        snaps = json.loads(cli.ok("snapshots", "--json").out)
+        assert [s["id"] for s in snaps] == [first["snapshot"]]
+        cli.ok("check", "--read-data")
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "safehold",
+                "--repo",
+                str(cli.repo),
+                "dump",
+                "latest",
+                str(src / "small.txt"),
+            ],
+            env=cli.env,
+            capture_output=True,
+            check=True,
+        ).stdout
+        assert out == b"fits"
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -190,7 +190,10 @@ class _Archiver:
         try:
             return self._save_file(path, node)
         except OSError as e:
-            self.warn(f"cannot read {os.fsdecode(path)}: {e.strerror or e}")
+            if isinstance(e, FileNotFoundError):
+                self.warn(f"{os.fsdecode(path)} vanished while backing up")
+            else:
+                self.warn(f"cannot read {os.fsdecode(path)}: {e.strerror or e}")
             with self._warn_lock:
                 self.counters.files_failed += 1
             return None
