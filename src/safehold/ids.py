@@ -42,6 +42,10 @@ def snapshot_name(snapshot_id: str) -> str:
     return f"snapshots/{snapshot_id}"
 
 
+def plan_name(plan_id: str) -> str:
+    return f"plans/{plan_id}"
+
+
 def key_name(key_id: str) -> str:
     return f"keys/{key_id}"
 

@@ -32,3 +32,33 @@ def test_forget_cli(cli: Cli, tmp_path: Path) -> None:
     cli.ok("forget", ids[1][:8])
     assert [s["id"] for s in json.loads(cli.ok("snapshots", "--json").out)] == ids[2:]
     cli.ok("check", "--read-data")
+
+
+def test_prune_cli(cli: Cli, tmp_path: Path) -> None:
+    import os
+
+    src = tmp_path / "s"
+    src.mkdir()
+    cli.ok("init")
+    (src / "big").write_bytes(os.urandom(2_000_000))
+    cli.ok("backup", str(src))
+    (src / "big").write_bytes(os.urandom(1_000_000))
+    cli.ok("backup", str(src))
+    size = lambda: sum(p.stat().st_size for p in (cli.repo / "data").rglob("*") if p.is_file())  # noqa: E731
+    before = size()
+    dry = cli.ok("prune", "--dry-run", "--grace-minutes", "0").out
+    assert "delete 0 packs" in dry and size() == before  # nothing is unused yet
+    r = cli.ok("forget", "--keep-last", "1", "--prune", "--grace-minutes", "0", "--json")
+    prune_out = json.loads(r.out.splitlines()[-1])
+    assert prune_out["type"] == "prune" and prune_out["deleted_bytes"] >= 1_900_000
+    assert size() <= before - 1_900_000
+    cli.ok("check", "--read-data")
+    # with the default grace period the deletion waits for the next prune
+    (src / "big").write_bytes(os.urandom(500_000))
+    cli.ok("backup", str(src))
+    cli.ok("forget", "--keep-last", "1")
+    out = cli.ok("prune").out
+    assert "deleted 0 packs" in out and "wait" in out
+    assert "condemned" in cli.ok("check").out
+    r = cli("prune", "--max-unused", "lots")
+    assert r.code == 2 and "max-unused" in r.err

@@ -1,4 +1,4 @@
-"""forget."""
+"""forget and prune."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 from safehold.cli.common import Context, open_repo
 from safehold.errors import EXIT_OK, UsageError
 from safehold.ops.forget import ForgetOptions, forget, plan_forget
+from safehold.ops.prune import DEFAULT_GRACE_S, PruneOptions, parse_max_unused, prune
 from safehold.policy import Policy
-from safehold.units import parse_duration
+from safehold.units import format_size, parse_duration
 
 
 def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
@@ -30,7 +31,37 @@ def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow a policy to remove every snapshot of a group",
     )
+    f.add_argument("--prune", action="store_true", help="prune afterwards")
+    _prune_options(f)
     f.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("prune", parents=[parent], help="free the data no snapshot uses")
+    p.add_argument("--dry-run", "-n", action="store_true", help="show the plan, change nothing")
+    _prune_options(p)
+    p.set_defaults(func=cmd_prune)
+
+
+def _prune_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-unused",
+        default="5%",
+        metavar="N%",
+        help="unused space left in partly used packs (default 5%%)",
+    )
+    p.add_argument(
+        "--grace-minutes",
+        type=float,
+        default=DEFAULT_GRACE_S / 60,
+        metavar="M",
+        help="wait this long after condemning packs before deleting them (default "
+        "%(default)s; backups running meanwhile are always waited for)",
+    )
+
+
+def _prune_opts(a: argparse.Namespace, dry_run: bool) -> PruneOptions:
+    if a.grace_minutes < 0:
+        raise UsageError("--grace-minutes must not be negative")
+    return PruneOptions(parse_max_unused(a.max_unused), dry_run, a.grace_minutes * 60)
 
 
 def _policy(a: argparse.Namespace) -> Policy:
@@ -98,7 +129,7 @@ def cmd_forget(ctx: Context) -> int:
                 "removed": removed,
             }
         )
-        return EXIT_OK
+        return cmd_prune(ctx) if a.prune and not a.dry_run else EXIT_OK
     for s in plan.future:
         ctx.note(f"warning: snapshot {s.id[:8]} is dated in the future; it counts for nothing")
     for s in rows:
@@ -109,6 +140,56 @@ def cmd_forget(ctx: Context) -> int:
     verb = "would remove" if a.dry_run else "removed"
     ctx.out(
         f"{verb} {len(plan.remove)} snapshots, kept {len(plan.keep)}"
-        + ("; run prune (not yet available) to free their data" if removed else "")
+        + ("; prune frees their data" if removed and not a.prune else "")
     )
+    return cmd_prune(ctx) if a.prune and not a.dry_run else EXIT_OK
+
+
+def cmd_prune(ctx: Context) -> int:
+    a = ctx.args
+    opts = _prune_opts(a, a.dry_run)
+    repo = open_repo(ctx)
+    try:
+        plan, res = prune(repo, opts)
+    finally:
+        repo.close()
+    st = plan.stats
+    if ctx.json:
+        ctx.emit(
+            {
+                "type": "prune",
+                "dry_run": opts.dry_run,
+                **st,
+                "plan": res.plan_id,
+                "deleted_packs": res.deleted_packs,
+                "deleted_bytes": res.deleted_bytes,
+                "plans_waiting": res.plans_waiting,
+                "rescued_packs": res.rescued_packs,
+                "not_deleted": res.not_deleted,
+            }
+        )
+        return EXIT_OK
+    ctx.out(
+        f"repository: {st['packs']} packs, {format_size(st['bytes'])}; "
+        f"used {format_size(st['used_bytes'])}"
+    )
+    ctx.out(
+        f"plan: delete {st['packs_to_delete']} packs, rewrite {st['packs_to_repack']} "
+        f"({format_size(st['bytes_to_repack'])}), frees about {format_size(st['bytes_freed'])}"
+    )
+    if opts.dry_run:
+        ctx.out("dry run: nothing was changed")
+        return EXIT_OK
+    ctx.out(f"deleted {res.deleted_packs} packs ({format_size(res.deleted_bytes)})")
+    if res.plans_waiting:
+        ctx.out(
+            f"{res.plans_waiting} plans wait for their grace period or for backups still "
+            "running; run prune again later to delete their packs"
+        )
+    if res.not_deleted:
+        ctx.note(
+            f"warning: {len(res.not_deleted)} objects could not be deleted (append-only or "
+            f"versioned storage?), e.g. {res.not_deleted[0]}"
+        )
+        return 1
     return EXIT_OK

@@ -99,16 +99,23 @@ def check(
 
     # 1. index objects, read from storage (never the cache)
     index_ids = repo.list_ids("index/")
-    indexed: dict[str, tuple[int, list[bytes]]] = {}
-    blob_packs: dict[bytes, str] = {}
+    files = {}
     for iid in index_ids:
         try:
-            idx = repo.read_index_file(iid, use_cache=False)
+            files[iid] = repo.read_index_file(iid, use_cache=False)
         except SafeholdError as e:
             damage(f"index {iid[:16]}: {e}")
-            continue
+    # packs listed only by superseded index objects are condemned by prune: no longer live
+    superseded = {x.hex() for f in files.values() for x in f.supersedes} & set(files)
+    indexed: dict[str, tuple[int, list[bytes]]] = {}
+    old: dict[str, int] = {}
+    blob_packs: dict[bytes, str] = {}
+    for iid, idx in files.items():
         for p in idx.packs:
             pid = p.pack_id.hex()
+            if iid in superseded:
+                old[pid] = p.size
+                continue
             indexed[pid] = (p.size, [b.id for b in p.blobs])
             for b in p.blobs:
                 blob_packs.setdefault(b.id, pid)
@@ -123,9 +130,12 @@ def check(
         elif present[pid] != size:
             damage(f"pack {pid[:16]} has size {present[pid]}, the index says {size}")
     unindexed = set(present) - set(indexed)
-    if unindexed:
+    waiting = unindexed & set(old)
+    if waiting:
+        res.notes.append(f"{len(waiting)} packs are condemned by prune and wait for deletion")
+    if unindexed - waiting:
         res.notes.append(
-            f"{len(unindexed)} packs are not indexed (left by an interrupted backup; "
+            f"{len(unindexed - waiting)} packs are not indexed (left by an interrupted backup; "
             "prune removes them)"
         )
     res.packs = len(present)

@@ -2,7 +2,8 @@
 
 A lock is ``locks/<random id>`` holding JSON (docs/format.md, "Locks"). It is stale when its
 lease has expired, or at once when it was taken on this host by a process that no longer exists.
-Shared locks (backup, check, restore) coexist; an exclusive lock excludes every other lock.
+Shared locks (backup, check, restore) coexist; an exclusive lock excludes every other lock; two
+locks of the same exclusive operation (``op``: "prune") exclude each other.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class LockInfo:
     time: float
     expires: float
     exclusive: bool
+    op: str = ""
 
     def stale(self, now: float | None = None) -> bool:
         now = time.time() if now is None else now
@@ -50,6 +52,8 @@ class LockInfo:
 
     def describe(self) -> str:
         kind = "exclusive" if self.exclusive else "shared"
+        if self.op:
+            kind += f" {self.op}"
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.time))
         return (
             f"{kind} lock {self.lock_id[:8]} by {self.user}@{self.host} pid {self.pid} since {when}"
@@ -67,6 +71,7 @@ def _parse(lock_id: str, data: bytes) -> LockInfo | None:
             float(obj["time"]),
             float(obj["expires"]),
             bool(obj["exclusive"]),
+            str(obj.get("op", "")),
         )
     except (ValueError, KeyError, TypeError):
         return None
@@ -91,9 +96,10 @@ def list_locks(backend: Backend) -> list[LockInfo]:
 class RepositoryLock:
     """A held lock; refreshed by a daemon thread until :meth:`release`."""
 
-    def __init__(self, backend: Backend, exclusive: bool) -> None:
+    def __init__(self, backend: Backend, exclusive: bool, op: str = "") -> None:
         self.backend = backend
         self.exclusive = exclusive
+        self.op = op
         self.lock_id = secrets.token_hex(32)
         self.started = time.time()
         self._stop = threading.Event()
@@ -117,6 +123,7 @@ class RepositoryLock:
                 "refreshed": now,
                 "expires": now + LEASE_SECONDS,
                 "exclusive": self.exclusive,
+                "op": self.op,
             }
         ).encode()
 
@@ -140,7 +147,7 @@ class RepositoryLock:
         for lock in list_locks(self.backend):
             if lock.lock_id == self.lock_id or lock.stale():
                 continue
-            if self.exclusive or lock.exclusive:
+            if self.exclusive or lock.exclusive or (self.op and self.op == lock.op):
                 out.append(lock)
         return out
 

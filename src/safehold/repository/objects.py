@@ -32,9 +32,15 @@ class Kind(enum.IntEnum):
     CONFIG = 1
     INDEX = 2
     SNAPSHOT = 3
+    PLAN = 4
 
 
-KIND_MODE = {Kind.CONFIG: Mode.META, Kind.INDEX: Mode.META, Kind.SNAPSHOT: Mode.SEALED}
+KIND_MODE = {
+    Kind.CONFIG: Mode.META,
+    Kind.INDEX: Mode.META,
+    Kind.SNAPSHOT: Mode.SEALED,
+    Kind.PLAN: Mode.META,
+}
 """The one mode each kind is written in; readers refuse any other."""
 
 _COMPRESS = Compression("zstd", 3)

@@ -29,7 +29,7 @@ from safehold.errors import (
     WrongPassword,
 )
 from safehold.format.config import Config, config_header, split_config
-from safehold.format.index import IndexFile
+from safehold.format.index import IndexedPack, IndexFile
 from safehold.format.keyfile import Secrets
 from safehold.format.pack import HEADER_NONCE, PACK_PREFIX_LEN, PackEntry, header_from_bytes
 from safehold.format.snapshot import Snapshot
@@ -246,10 +246,19 @@ class Repository:
         ids = self.list_ids("index/")
         index = MasterIndex()
         with ThreadPoolExecutor(max_workers=4) as pool:
-            for index_id, idx in zip(ids, pool.map(self.read_index_file, ids)):
+            files = dict(zip(ids, pool.map(self.read_index_file, ids)))
+        # an index object that a present index object supersedes lists packs that prune has
+        # replaced: readable, but not live
+        superseded = {s.hex() for f in files.values() for s in f.supersedes} & set(files)
+        for index_id, idx in files.items():
+            if index_id not in superseded:
                 for p in idx.packs:
                     index.add_pack(p)
-                index.index_ids.add(index_id)
+        for index_id in superseded:
+            for p in files[index_id].packs:
+                index.add_pack(p, live=False)
+        index.index_ids = set(ids)
+        index.superseded = superseded
         if self.cache is not None:
             self.cache.forget_missing("index", set(ids))
         return index
@@ -359,6 +368,14 @@ class Repository:
                 self._tree_cache.popitem(last=False)
         return nodes
 
+    def read_pack_index(self, pack_id: str) -> IndexedPack:
+        """A pack's index entry, built from the pack itself (size, sealed key, header)."""
+        name = pack_name(pack_id)
+        size = self.backend.stat(name).size
+        entries = self.read_pack_header(pack_id, size)
+        sealed = self.backend.load(name, 4, PACK_PREFIX_LEN - 4)
+        return IndexedPack(bytes.fromhex(pack_id), size, sealed, entries)
+
     def read_pack_header(self, pack_id: str, size: int | None = None) -> list[PackEntry]:
         """The blob list from a pack's own header (for check and index rebuilding)."""
         from safehold.format.pack import TRAILER, check_entries, parse_trailer
@@ -399,6 +416,13 @@ class Repository:
             self.cache.forget_missing("snapshots", set(ids))
         snaps.sort(key=lambda s: (s.time_ns, s.id))
         return snaps
+
+    def store_index(self, index: IndexFile) -> str:
+        """Store an index object; returns its id."""
+        data = meta_object(index.to_bytes(), Kind.INDEX, meta_key=self.secrets.meta_key)
+        iid = storage_id(data)
+        self.backend.store(index_name(iid), data)
+        return iid
 
     def save_snapshot(self, snap: Snapshot) -> str:
         data = seal_object(snap.to_bytes(), Kind.SNAPSHOT, public_key=self.config.public_key)
@@ -442,8 +466,8 @@ class Repository:
     def chunker(self) -> Chunker:
         return Chunker(self.chunker_params, self.secrets.chunker_seed)
 
-    def lock(self, *, exclusive: bool = False) -> RepositoryLock:
-        lock = RepositoryLock(self.backend, exclusive)
+    def lock(self, *, exclusive: bool = False, op: str = "") -> RepositoryLock:
+        lock = RepositoryLock(self.backend, exclusive, op)
         lock.acquire()
         return lock
 

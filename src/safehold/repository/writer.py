@@ -157,11 +157,15 @@ class WriteSession:
         data: bytes | memoryview,
         compression: Compression,
         blob_id: bytes | None = None,
+        *,
+        dedup: bool = True,
     ) -> tuple[bytes, bool]:
-        """Add a blob unless it is stored already; returns (id, whether it was new)."""
+        """Add a blob unless it is stored already; returns (id, whether it was new).
+
+        ``dedup=False`` (prune's repacking) stores it even if the index has it elsewhere."""
         bid = self.blob_id(data) if blob_id is None else blob_id
         with self._lock:
-            if bid in self.index or bid in self._reserved:
+            if (dedup and bid in self.index) or bid in self._reserved:
                 self.stats.blobs_known += 1
                 return bid, False
             self._reserved.add(bid)
