@@ -33,3 +33,23 @@ def test_lost_lease_commits_no_snapshot_and_keeps_the_uploads(
         assert result.summary["data_added"] < 1000  # nothing uploaded again but the trees
     finally:
         lock.release()
+
+
+def test_retry_lock_waits_then_gives_up(repo: Repository) -> None:
+    from safehold.errors import Locked as LockedError
+
+    held = repo.lock(exclusive=True)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(LockedError):
+            repo.lock(retry_s=1.2)
+        assert time.monotonic() - t0 >= 1.2
+    finally:
+        held.release()
+    # once it is released, a waiting client gets it
+    import threading
+
+    held = repo.lock(exclusive=True)
+    threading.Timer(0.6, held.release).start()
+    got = repo.lock(retry_s=10)
+    got.release()

@@ -6,10 +6,13 @@ Damage is reported with the snapshots and file paths it affects.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from safehold import crypto
 from safehold.errors import (
@@ -32,12 +35,14 @@ from safehold.format.pack import (
 from safehold.format.snapshot import Snapshot
 from safehold.ids import name_to_id, pack_name, storage_hasher
 from safehold.repository.repo import Repository
+from safehold.units import parse_size
 
 
 @dataclass
 class CheckOptions:
     read_data: bool = False
-    subset: str | None = None  # "10%" or "n/t"
+    subset: str | None = None  # "10%", "n/t" or a byte budget such as "500M"
+    state_file: Path | None = None  # remembers which packs a cycle of subsets has read
     workers: int = 2  # each holds one whole pack in memory
 
 
@@ -52,34 +57,90 @@ class CheckResult:
     bytes_read: int = 0
     blobs: int = 0
     damaged_files: list[str] = field(default_factory=list)
+    coverage: float = 0.0  # the share of packs read in the current cycle, this run included
+    cycle: int = 1
+    cycle_complete: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.errors
 
 
-def _subset_selector(spec: str) -> tuple[int, int] | float:
-    spec = spec.strip()
-    if spec.endswith("%"):
+@dataclass(frozen=True)
+class Subset:
+    """``--read-data-subset``: ``n/t`` (a fixed slice of the packs by id), ``P%`` of the packs,
+    or a byte budget like ``500M``. The last two pick packs not yet read in the current cycle
+    (remembered in a state file), so repeated runs cover every pack."""
+
+    fraction: float | None = None
+    budget: int | None = None
+    slice: tuple[int, int] | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Subset:
+        spec = spec.strip()
+        bad = f"invalid subset {spec!r} (expected e.g. 10%, 2/5 or 500M)"
+        if spec.endswith("%"):
+            try:
+                pct = float(spec[:-1])
+            except ValueError:
+                raise UsageError(bad) from None
+            if not 0 < pct <= 100:
+                raise UsageError("the subset percentage must be above 0 and at most 100")
+            return cls(fraction=pct / 100)
+        n, sep, t = spec.partition("/")
+        if sep:
+            if not n.isdigit() or not t.isdigit() or not 1 <= int(n) <= int(t):
+                raise UsageError(bad)
+            return cls(slice=(int(n), int(t)))
         try:
-            pct = float(spec[:-1])
-        except ValueError:
-            raise UsageError(f"invalid subset {spec!r} (expected e.g. 10% or 2/5)") from None
-        if not 0 < pct <= 100:
-            raise UsageError("the subset percentage must be above 0 and at most 100")
-        return pct / 100
-    n, sep, t = spec.partition("/")
-    if not sep or not n.isdigit() or not t.isdigit() or not 1 <= int(n) <= int(t):
-        raise UsageError(f"invalid subset {spec!r} (expected e.g. 10% or 2/5)")
-    return int(n), int(t)
+            return cls(budget=parse_size(spec))
+        except UsageError:
+            raise UsageError(bad) from None
+
+    def choose(self, packs: dict[str, int], done: set[str]) -> list[str]:
+        """The packs to read this time, from ``packs`` (id -> size); ``done`` were read already
+        in this cycle."""
+        if self.slice is not None:
+            n, t = self.slice
+            return [p for p in sorted(packs) if int(p[:8], 16) % t == n - 1]
+        todo = sorted(p for p in packs if p not in done) or sorted(packs)
+        if self.fraction is not None:
+            want = max(1, math.ceil(self.fraction * len(packs)))
+            return todo[:want]
+        assert self.budget is not None
+        out: list[str] = []
+        total = 0
+        for p in todo:
+            if out and total + packs[p] > self.budget:
+                break
+            out.append(p)
+            total += packs[p]
+        return out
 
 
-def _in_subset(pack_id: str, sel: tuple[int, int] | float) -> bool:
-    value = int(pack_id[:8], 16)
-    if isinstance(sel, float):
-        return value < sel * 0x1_0000_0000
-    n, t = sel
-    return value % t == n - 1
+def _load_state(path: Path | None, repo_id: str) -> tuple[int, set[str]]:
+    if path is None:
+        return 1, set()
+    try:
+        obj = json.loads(path.read_text())
+        if obj.get("repo") == repo_id:
+            return int(obj["cycle"]), set(obj["read"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return 1, set()
+
+
+def _save_state(path: Path | None, repo_id: str, cycle: int, read: set[str]) -> None:
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        tmp.write_text(json.dumps({"repo": repo_id, "cycle": cycle, "read": sorted(read)}))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the coverage state is a convenience: losing it restarts the cycle
 
 
 def check(
@@ -175,8 +236,14 @@ def check(
     # 4. data: download, decrypt and verify every blob of the selected packs
     bad_blobs: set[bytes] = set()
     if opts.read_data or opts.subset:
-        sel = _subset_selector(opts.subset) if opts.subset else None
-        todo = [p for p in sorted(indexed) if p in present and (sel is None or _in_subset(p, sel))]
+        candidates = {p: indexed[p][0] for p in indexed if p in present}
+        repo_id = repo.config.repo_id.hex()
+        cycle, done = _load_state(opts.state_file, repo_id)
+        done &= set(candidates)
+        if opts.subset:
+            todo = Subset.parse(opts.subset).choose(candidates, done)
+        else:
+            todo = sorted(candidates)
 
         def read_pack(pid: str) -> None:
             try:
@@ -195,6 +262,13 @@ def check(
 
         with ThreadPoolExecutor(max(1, opts.workers)) as pool:
             list(pool.map(read_pack, todo))
+        done |= set(todo)
+        res.coverage = len(done) / len(candidates) if candidates else 1.0
+        res.cycle = cycle
+        if done >= set(candidates):  # every pack read in this cycle: the next run starts anew
+            res.cycle_complete = True
+            cycle, done = cycle + 1, set()
+        _save_state(opts.state_file, repo_id, cycle, done)
         if bad_blobs:
             _name_damaged_files(repo, snapshots, bad_blobs, res, damage)
     return res

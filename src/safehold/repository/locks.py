@@ -127,7 +127,22 @@ class RepositoryLock:
             }
         ).encode()
 
-    def acquire(self) -> None:
+    def acquire(self, retry_s: float = 0.0) -> None:
+        """Take the lock; wait up to ``retry_s`` seconds for conflicting locks to go away."""
+        deadline = time.monotonic() + retry_s
+        delay = 0.5
+        while True:
+            try:
+                self._acquire_once()
+                return
+            except Locked:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 30.0)
+
+    def _acquire_once(self) -> None:
         conflicts = self._conflicts()
         if conflicts:
             raise Locked(f"repository is locked: {conflicts[0].describe()}")

@@ -99,6 +99,7 @@ class Repository:
         self._pack_keys_lock = threading.Lock()
         self._tree_cache: collections.OrderedDict[bytes, list[Node]] = collections.OrderedDict()
         self._tree_lock = threading.Lock()
+        self.lock_retry_s = 0.0  # how long lock() waits for other clients' locks
         self.chunker_params = ChunkerParams(
             config.chunk_avg, config.chunk_min, config.chunk_max, config.chunk_normalization
         )
@@ -466,9 +467,12 @@ class Repository:
     def chunker(self) -> Chunker:
         return Chunker(self.chunker_params, self.secrets.chunker_seed)
 
-    def lock(self, *, exclusive: bool = False, op: str = "") -> RepositoryLock:
+    def lock(
+        self, *, exclusive: bool = False, op: str = "", retry_s: float | None = None
+    ) -> RepositoryLock:
+        """Take a lock; wait up to ``retry_s`` seconds (default: ``self.lock_retry_s``)."""
         lock = RepositoryLock(self.backend, exclusive, op)
-        lock.acquire()
+        lock.acquire(self.lock_retry_s if retry_s is None else retry_s)
         return lock
 
     # --- keys ---------------------------------------------------------------------------------
