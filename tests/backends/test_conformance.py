@@ -2,7 +2,8 @@
 
 A new backend adds a parameter to the ``backend`` fixture. The fault-injection seeds are fixed
 (the base seed is in the test id, each test's own seed is printed); set SAFEHOLD_FAULT_SEED to
-try others.
+try others. The ``s3`` parameter runs the suite against a real moto_server process (see
+``s3server.py``), one fresh bucket per test, objects under a key prefix.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -21,8 +23,14 @@ from safehold.backends import (
     MemoryBackend,
     RetryingBackend,
 )
+from safehold.backends.s3 import S3Backend
 
 from .conformance import BackendConformance
+
+if TYPE_CHECKING:
+    from .s3server import MotoServer
+
+pytest_plugins = ["tests.backends.s3server"]  # the fixture s3_server
 
 FAULT_SEED = int(os.environ.get("SAFEHOLD_FAULT_SEED", "1729"))
 FAULT_RATE = 0.3
@@ -51,7 +59,14 @@ def faulty_local(root: Path, seed: int) -> tuple[Backend, FaultInjectingBackend]
     return RetryingBackend(faulty, attempts=25, sleep=no_sleep), faulty
 
 
-@pytest.fixture(params=["local", "memory", f"faulty-local-seed{FAULT_SEED}"])
+@pytest.fixture(
+    params=[
+        "local",
+        "memory",
+        f"faulty-local-seed{FAULT_SEED}",
+        pytest.param("s3", marks=pytest.mark.s3),
+    ]
+)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     faulty: FaultInjectingBackend | None = None
     if request.param == "local":
@@ -59,6 +74,11 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         b.create()
     elif request.param == "memory":
         b = MemoryBackend()
+    elif request.param == "s3":
+        server: MotoServer = request.getfixturevalue("s3_server")
+        b = S3Backend(server.new_bucket(), "backups/repo", endpoint_url=server.url)
+        b.create()
+        request.addfinalizer(server.reset)
     else:
         # A different but fixed seed per test, so the tests do not all see the same faults.
         seed = FAULT_SEED ^ zlib.crc32(request.node.name.encode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -57,9 +58,10 @@ def test_memory_urls_share_a_backend_per_url() -> None:
 
 def test_unknown_scheme_names_the_supported_ones() -> None:
     with pytest.raises(UsageError) as info:
-        open_backend("s3://bucket/prefix")
+        open_backend("sftp://host/path")
     assert str(info.value) == (
-        "unsupported repository URL scheme 's3' in 's3://bucket/prefix' (supported: file, memory)"
+        "unsupported repository URL scheme 'sftp' in 'sftp://host/path' "
+        "(supported: file, memory, s3)"
     )
 
 
@@ -80,7 +82,27 @@ def test_register_scheme(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = open_backend("Fake://host/path")
     assert isinstance(backend, MemoryBackend)
     assert opened == ["Fake://host/path"]
-    with pytest.raises(UsageError, match=r"\(supported: fake, file, memory\)"):
-        open_backend("s3://bucket")
+    with pytest.raises(UsageError, match=r"\(supported: fake, file, memory, s3\)"):
+        open_backend("sftp://host")
+    with pytest.raises(UsageError, match=r"unknown option 'fake\.x' for fake:// repositories"):
+        open_backend("fake://host/path", {"fake.x": "1"})
     with pytest.raises(ValueError):
         register_scheme("no spaces", factory)
+
+
+def test_register_scheme_with_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry, "_FACTORIES", dict(registry._FACTORIES))
+    opened: list[tuple[str, dict[str, str]]] = []
+
+    def factory(url: str, options: Mapping[str, str]) -> Backend:
+        opened.append((url, dict(options)))
+        return MemoryBackend("fake")
+
+    register_scheme("fake", factory, options=["fake.a", "fake.b"])
+    open_backend("fake://x")
+    open_backend("fake://y", {"fake.b": "2"})
+    assert opened == [("fake://x", {}), ("fake://y", {"fake.b": "2"})]
+    with pytest.raises(
+        UsageError, match=r"'fake.c' for fake:// repositories \(known: fake.a, fake"
+    ):
+        open_backend("fake://z", {"fake.c": "3"})

@@ -1,6 +1,8 @@
-"""Open a backend from a repository URL: a plain path, ``file:///abs/path`` or ``memory://name``.
+"""Open a backend from a repository URL: a plain path, ``file:///abs/path``, ``memory://name`` or
+``s3://bucket/prefix``.
 
-Other schemes (``s3://``, ``sftp://``, …) are added with :func:`register_scheme`.
+Other schemes (``sftp://``, …) are added with :func:`register_scheme`. A scheme may take options
+(``-o s3.endpoint=…`` on the command line), each named ``<scheme>.<name>``.
 """
 
 from __future__ import annotations
@@ -8,7 +10,9 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import overload
 from urllib.parse import unquote, urlsplit
 
 from safehold.backends.base import Backend
@@ -17,19 +21,46 @@ from safehold.backends.memory import MemoryBackend
 from safehold.errors import UsageError
 
 BackendFactory = Callable[[str], Backend]
+"""Opens a URL of a scheme that takes no options."""
+OptionsFactory = Callable[[str, Mapping[str, str]], Backend]
+"""Opens a URL of a scheme that takes options: ``factory(url, options)``."""
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _lock = threading.Lock()
-_FACTORIES: dict[str, BackendFactory] = {}
+
+
+@dataclass(frozen=True)
+class _Scheme:
+    factory: Callable[..., Backend]
+    options: frozenset[str] | None  # None: the factory takes the URL alone
+
+
+_FACTORIES: dict[str, _Scheme] = {}
 _MEMORY: dict[str, MemoryBackend] = {}
 
 
-def register_scheme(scheme: str, factory: BackendFactory) -> None:
-    """Make ``open_backend`` hand URLs ``<scheme>://…`` (the whole URL) to ``factory``."""
+@overload
+def register_scheme(scheme: str, factory: BackendFactory) -> None: ...
+
+
+@overload
+def register_scheme(scheme: str, factory: OptionsFactory, *, options: Collection[str]) -> None: ...
+
+
+def register_scheme(
+    scheme: str, factory: Callable[..., Backend], *, options: Collection[str] | None = None
+) -> None:
+    """Make ``open_backend`` hand URLs ``<scheme>://…`` (the whole URL) to ``factory``.
+
+    With ``options`` (the option names the scheme accepts) the factory is called as
+    ``factory(url, options)`` with the options given to ``open_backend``; without, as
+    ``factory(url)``, and ``open_backend`` refuses any option for that scheme.
+    """
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
         raise ValueError(f"invalid URL scheme {scheme!r}")
+    entry = _Scheme(factory, None if options is None else frozenset(options))
     with _lock:
-        _FACTORIES[scheme.lower()] = factory
+        _FACTORIES[scheme.lower()] = entry
 
 
 def supported_schemes() -> list[str]:
@@ -38,26 +69,49 @@ def supported_schemes() -> list[str]:
         return sorted(_FACTORIES)
 
 
-def open_backend(url: str) -> Backend:
+def _check_options(kind: str, known: frozenset[str] | None, options: Mapping[str, str]) -> None:
+    for key in options:
+        if known is None or key not in known:
+            hint = f"known: {', '.join(sorted(known))}" if known else "they take no options"
+            raise UsageError(f"unknown option {key!r} for {kind} repositories ({hint})")
+
+
+def open_backend(url: str, options: Mapping[str, str] | None = None) -> Backend:
     """The backend for a repository location.
 
     A location without ``<scheme>://`` is a local path (absolute, relative or starting with
-    ``~``). Raises :class:`~safehold.errors.UsageError` for an unknown scheme or a bad URL.
+    ``~``). ``options`` are the scheme's settings (e.g. ``{"s3.endpoint": "http://…"}``).
+    Raises :class:`~safehold.errors.UsageError` for an unknown scheme or option or a bad URL.
     """
+    backend = _open(url, options)
+    kill_after = os.environ.get("SAFEHOLD_TEST_KILL_AFTER_WRITES")
+    if kill_after:  # the crash harness (tests/integration/test_crash.py), never set in use
+        from safehold.backends.wrappers import KillingBackend
+
+        return KillingBackend(backend, int(kill_after))
+    return backend
+
+
+def _open(url: str, options: Mapping[str, str] | None) -> Backend:
     if not url:
         raise UsageError("empty repository location")
+    options = dict(options or {})
     match = _SCHEME.match(url)
     if match is None:
+        _check_options("local", None, options)
         return LocalBackend(os.path.expanduser(url))
     scheme = match.group(1).lower()
     with _lock:
-        factory = _FACTORIES.get(scheme)
-    if factory is None:
+        entry = _FACTORIES.get(scheme)
+    if entry is None:
         raise UsageError(
             f"unsupported repository URL scheme {scheme!r} in {url!r} "
             f"(supported: {', '.join(supported_schemes())})"
         )
-    return factory(url)
+    _check_options(f"{scheme}://", entry.options, options)
+    if entry.options is None:
+        return entry.factory(url)
+    return entry.factory(url, options)
 
 
 def _open_file(url: str) -> Backend:
@@ -81,5 +135,21 @@ def _open_memory(url: str) -> Backend:
     return backend
 
 
+def _open_s3(url: str, options: Mapping[str, str]) -> Backend:
+    # Imported on use: boto3 takes a while to load and local repositories do not need it.
+    from safehold.backends.s3 import open_s3
+
+    return open_s3(url, options)
+
+
+S3_OPTIONS = (
+    "s3.endpoint",
+    "s3.region",
+    "s3.storage-class-data",
+    "s3.storage-class-meta",
+    "s3.multipart-threshold",
+)
+
 register_scheme("file", _open_file)
 register_scheme("memory", _open_memory)
+register_scheme("s3", _open_s3, options=S3_OPTIONS)

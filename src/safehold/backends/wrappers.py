@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import builtins
+import os
 import random
+import signal
 import threading
 import time
 from collections import Counter
@@ -466,3 +468,49 @@ class CountingBackend:
 
     def close(self) -> None:
         self.inner.close()
+
+
+class KillingBackend:
+    """For crash tests: the process kills itself with SIGKILL right after its ``after``-th
+    successful write (store or delete), as a power cut or ``kill -9`` would stop it.
+
+    Enabled in the CLI by ``SAFEHOLD_TEST_KILL_AFTER_WRITES=N`` (see registry.open_backend)."""
+
+    def __init__(self, inner: Backend, after: int) -> None:
+        self._inner = inner
+        self._after = after
+        self._writes = 0
+        self._lock = threading.Lock()
+
+    def _wrote(self) -> None:
+        with self._lock:
+            self._writes += 1
+            if self._writes >= self._after:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    @property
+    def location(self) -> str:
+        return self._inner.location
+
+    def create(self) -> None:
+        self._inner.create()
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        return self._inner.list(prefix)
+
+    def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self._inner.load(name, offset, length)
+
+    def store(self, name: str, data: bytes | memoryview, *, overwrite: bool = False) -> None:
+        self._inner.store(name, data, overwrite=overwrite)
+        self._wrote()
+
+    def delete(self, name: str) -> None:
+        self._inner.delete(name)
+        self._wrote()
+
+    def stat(self, name: str) -> ObjectInfo:
+        return self._inner.stat(name)
+
+    def close(self) -> None:
+        self._inner.close()

@@ -6,7 +6,15 @@ import argparse
 from typing import Any
 
 from safehold.backends.registry import open_backend
-from safehold.cli.common import Context, cache_dir, get_password, new_password, open_repo, repo_url
+from safehold.cli.common import (
+    Context,
+    backend_options,
+    cache_dir,
+    get_password,
+    new_password,
+    open_repo,
+    repo_url,
+)
 from safehold.compress import Compression
 from safehold.errors import EXIT_DAMAGE, EXIT_OK, UsageError
 from safehold.events import Event
@@ -49,7 +57,7 @@ def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
 def cmd_init(ctx: Context) -> int:
     a = ctx.args
     url, is_default = repo_url(a)
-    backend = open_backend(url)
+    backend = open_backend(url, backend_options(a))
     password = get_password(a, is_default=is_default, confirm=True)
     try:
         opts = InitOptions(

@@ -89,6 +89,17 @@ def repo_url(args: argparse.Namespace) -> tuple[str, bool]:
     return str(default_repo()), True
 
 
+def backend_options(args: argparse.Namespace) -> dict[str, str]:
+    """The ``-o KEY=VALUE`` options as a mapping (a later one wins)."""
+    options: dict[str, str] = {}
+    for item in getattr(args, "option", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"option {item!r} is not KEY=VALUE")
+        options[key.strip()] = value
+    return options
+
+
 def _read_file(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
@@ -154,7 +165,7 @@ def open_repo(ctx: Context, *, use_cache: bool = True) -> Repository:
             "no repository given: use --repo or SAFEHOLD_REPOSITORY (or run 'safehold backup "
             "PATH' once to create the default repository)"
         )
-    backend = open_backend(url)
+    backend = open_backend(url, backend_options(ctx.args))
     try:
         split_config(backend.load("config"))  # an unknown version fails before any prompt
     except NotFound:

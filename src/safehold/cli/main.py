@@ -23,6 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="repository (or SAFEHOLD_REPOSITORY); default: the embedded local one",
     )
+    g.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="KEY=VALUE",
+        help="a storage setting, e.g. s3.endpoint=http://host:9000 (repeatable)",
+    )
     g.add_argument("--password-file", "-p", default=argparse.SUPPRESS, metavar="FILE")
     g.add_argument("--password-command", default=argparse.SUPPRESS, metavar="CMD")
     g.add_argument("--cache-dir", default=argparse.SUPPRESS, metavar="DIR")
@@ -49,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_DEFAULTS = {
+_DEFAULTS: dict[str, object] = {
     "repo": None,
+    "option": [],
     "password_file": None,
     "password_command": None,
     "cache_dir": None,
