@@ -28,6 +28,17 @@ def format_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+_WAIT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
+
+
+def parse_wait(text: str) -> float:
+    """A wait in seconds: ``30s``, ``5m`` (minutes), ``2h``; a bare number is seconds."""
+    m = _WAIT_RE.match(text)
+    if not m:
+        raise UsageError(f"invalid wait {text!r} (expected e.g. 30s, 5m or 1h)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
 @dataclass(frozen=True, slots=True)
 class Duration:
     """A calendar duration as restic writes it: years, months, days, hours."""

@@ -10,6 +10,7 @@ from safehold.cli.common import (
     Context,
     backend_options,
     cache_dir,
+    event_printer,
     get_password,
     new_password,
     open_repo,
@@ -19,6 +20,7 @@ from safehold.compress import Compression
 from safehold.errors import EXIT_DAMAGE, EXIT_OK, UsageError
 from safehold.events import Event
 from safehold.ops.check import CheckOptions, check
+from safehold.ops.repair import repair_index, repair_snapshots
 from safehold.repository.locks import remove_stale_locks
 from safehold.repository.repo import InitOptions, Repository
 from safehold.units import format_size, parse_size
@@ -49,6 +51,15 @@ def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
     kp = ksub.add_parser("passwd", parents=[parent])
     kp.add_argument("--new-password-file", metavar="FILE")
     kp.set_defaults(func=cmd_key_passwd)
+
+    r = sub.add_parser("repair", parents=[parent], help="repair the index or snapshots")
+    rsub = r.add_subparsers(dest="repair_command", required=True, metavar="index|snapshots")
+    ri = rsub.add_parser("index", parents=[parent], help="rebuild the index from the packs")
+    ri.add_argument("--dry-run", "-n", action="store_true")
+    ri.set_defaults(func=cmd_repair_index)
+    rs = rsub.add_parser("snapshots", parents=[parent], help="rewrite snapshots whose data is lost")
+    rs.add_argument("--dry-run", "-n", action="store_true")
+    rs.set_defaults(func=cmd_repair_snapshots)
 
     u = sub.add_parser("unlock", parents=[parent], help="remove locks that are dead or expired")
     u.set_defaults(func=cmd_unlock)
@@ -88,8 +99,16 @@ def cmd_check(ctx: Context) -> int:
                 if ev.kind == "damage" and not ctx.json:
                     print(f"damage: {ev.message}", flush=True)
 
+            cache = cache_dir(a)
+            state = (
+                cache / repo.config.repo_id.hex() / "check-subset.json"
+                if cache is not None
+                else None
+            )
             res = check(
-                repo, CheckOptions(read_data=a.read_data, subset=a.read_data_subset), events=sink
+                repo,
+                CheckOptions(read_data=a.read_data, subset=a.read_data_subset, state_file=state),
+                events=sink,
             )
         finally:
             lock.release()
@@ -108,6 +127,9 @@ def cmd_check(ctx: Context) -> int:
                 "packs_read": res.packs_read,
                 "bytes_read": res.bytes_read,
                 "damaged_files": res.damaged_files,
+                "coverage": res.coverage,
+                "cycle": res.cycle,
+                "cycle_complete": res.cycle_complete,
             }
         )
     else:
@@ -120,6 +142,9 @@ def cmd_check(ctx: Context) -> int:
         if res.packs_read:
             read = f", read {res.packs_read} packs ({format_size(res.bytes_read)})"
         ctx.out(f"checked {res.snapshots} snapshots, {res.trees} trees, {res.packs} packs{read}")
+        if a.read_data_subset:
+            done = " (cycle complete)" if res.cycle_complete else ""
+            ctx.out(f"subset cycle {res.cycle}: {res.coverage:.0%} of the packs read{done}")
         ctx.out("no errors were found" if res.ok else f"{len(res.errors)} errors found")
     return EXIT_OK if res.ok else EXIT_DAMAGE
 
@@ -190,4 +215,56 @@ def cmd_unlock(ctx: Context) -> int:
         ctx.emit({"type": "unlock", "removed": [lk.lock_id for lk in removed]})
     else:
         ctx.out(f"removed {len(removed)} stale locks")
+    return EXIT_OK
+
+
+def cmd_repair_index(ctx: Context) -> int:
+    repo = open_repo(ctx, use_cache=False)
+    try:
+        lock = None if ctx.args.dry_run else repo.lock(exclusive=True)
+        try:
+            res = repair_index(repo, dry_run=ctx.args.dry_run, events=event_printer(ctx))
+        finally:
+            if lock is not None:
+                lock.release()
+    finally:
+        repo.close()
+    if ctx.json:
+        ctx.emit(
+            {
+                "type": "repair_index",
+                "packs": res.packs,
+                "blobs": res.blobs,
+                "damaged_packs": res.damaged_packs,
+                "index": res.new_index,
+                "removed_indexes": res.removed_indexes,
+            }
+        )
+    else:
+        verb = "would index" if ctx.args.dry_run else "indexed"
+        ctx.out(
+            f"{verb} {res.packs} packs ({res.blobs} blobs); "
+            f"{len(res.damaged_packs)} unreadable packs left out"
+        )
+    return EXIT_OK if not res.damaged_packs else 1
+
+
+def cmd_repair_snapshots(ctx: Context) -> int:
+    repo = open_repo(ctx, use_cache=False)
+    try:
+        lock = None if ctx.args.dry_run else repo.lock(exclusive=True)
+        try:
+            res = repair_snapshots(repo, dry_run=ctx.args.dry_run)
+        finally:
+            if lock is not None:
+                lock.release()
+    finally:
+        repo.close()
+    if ctx.json:
+        ctx.emit({"type": "repair_snapshots", "rewritten": res.rewritten, "dropped": res.dropped})
+        return EXIT_OK
+    for line in res.dropped:
+        ctx.out(f"dropped {line}")
+    verb = "would rewrite" if ctx.args.dry_run else "rewrote"
+    ctx.out(f"{verb} {len(res.rewritten)} snapshots")
     return EXIT_OK

@@ -23,6 +23,7 @@ from safehold.errors import NotFound, RepositoryNotFound, UsageError
 from safehold.events import Event
 from safehold.format.config import split_config
 from safehold.repository.repo import Repository
+from safehold.units import parse_wait
 
 
 @dataclass
@@ -171,7 +172,10 @@ def open_repo(ctx: Context, *, use_cache: bool = True) -> Repository:
     except NotFound:
         raise RepositoryNotFound(f"there is no repository at {backend.location}") from None
     password = get_password(ctx.args, is_default=is_default)
-    return Repository.open(backend, password, cache_dir=cache_dir(ctx.args) if use_cache else None)
+    repo = Repository.open(backend, password, cache_dir=cache_dir(ctx.args) if use_cache else None)
+    if getattr(ctx.args, "retry_lock", None):
+        repo.lock_retry_s = parse_wait(ctx.args.retry_lock)
+    return repo
 
 
 def ensure_default_repo(ctx: Context) -> None:

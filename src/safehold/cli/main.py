@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a storage setting, e.g. s3.endpoint=http://host:9000 (repeatable)",
     )
+    g.add_argument(
+        "--retry-lock",
+        default=argparse.SUPPRESS,
+        metavar="WAIT",
+        help="wait up to WAIT (30s, 5m, 1h) for another client's lock instead of failing",
+    )
     g.add_argument("--password-file", "-p", default=argparse.SUPPRESS, metavar="FILE")
     g.add_argument("--password-command", default=argparse.SUPPRESS, metavar="CMD")
     g.add_argument("--cache-dir", default=argparse.SUPPRESS, metavar="DIR")
@@ -60,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 _DEFAULTS: dict[str, object] = {
     "repo": None,
     "option": [],
+    "retry_lock": None,
     "password_file": None,
     "password_command": None,
     "cache_dir": None,
