@@ -71,10 +71,20 @@ class Tool:
     binary = ""
     install_hint = ""
 
+    s3: S3Server | None = None  # set by --s3: repositories live in buckets of that server
+    supports_s3 = False
+
     def __init__(self, work: Path) -> None:
         self.work = work
         self.exe = self.find()
         self.version = self.get_version() if self.exe else "not found"
+
+    @property
+    def bucket(self) -> str:
+        return f"bench-{self.name}"
+
+    def repo_bytes(self) -> int:
+        return self.s3.bucket_bytes(self.bucket) if self.s3 else du_bytes(self.repo)
 
     def find(self) -> str | None:
         return shutil.which(self.binary)
@@ -117,11 +127,20 @@ class Safehold(Tool):
     def get_version(self) -> str:
         return _first_line([self.exe or self.binary, "--version"]) or "safehold (unknown version)"
 
+    supports_s3 = True
+
     def env(self) -> dict[str, str]:
-        return {"SAFEHOLD_PASSWORD": PASSWORD, "SAFEHOLD_CACHE_DIR": str(self.cache)}
+        return {"SAFEHOLD_PASSWORD": PASSWORD, "SAFEHOLD_CACHE_DIR": str(self.cache)} | (
+            self.s3.env() if self.s3 else {}
+        )
 
     def command(self, step: str, src: Path) -> Command:
-        base = [self.exe or self.binary, "--repo", str(self.repo)]
+        repo = (
+            ["--repo", f"s3://{self.bucket}/repo", "-o", f"s3.endpoint={self.s3.url}"]
+            if self.s3
+            else ["--repo", str(self.repo)]
+        )
+        base = [self.exe or self.binary, *repo]
         if step == "init":
             return Command([*base, "init"])
         if step in BACKUPS:
@@ -145,11 +164,14 @@ class Restic(Tool):
         m = re.search(r"restic (\d+)\.(\d+)\.(\d+)", self.version)
         return tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
 
+    supports_s3 = True
+
     def env(self) -> dict[str, str]:
-        return {"RESTIC_PASSWORD": PASSWORD}
+        return {"RESTIC_PASSWORD": PASSWORD} | (self.s3.env() if self.s3 else {})
 
     def command(self, step: str, src: Path) -> Command:
-        base = [self.exe or self.binary, "-r", str(self.repo), "--cache-dir", str(self.cache)]
+        repo = f"s3:{self.s3.url}/{self.bucket}" if self.s3 else str(self.repo)
+        base = [self.exe or self.binary, "-r", repo, "--cache-dir", str(self.cache)]
         if step == "init":
             # format version 2 (compression) exists since 0.14; older versions only have 1
             extra = ["--repository-version", "2"] if self.version_tuple() >= (0, 14) else []
@@ -304,6 +326,71 @@ def rm(path: Path) -> None:
         shutil.rmtree(path)
 
 
+class S3Server:
+    """A real S3 server process (moto_server, from the test extra) on 127.0.0.1, which safehold
+    and restic back up to in the same run (borg does not speak S3)."""
+
+    def __init__(self, log: Path) -> None:
+        import socket
+        import urllib.request
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = open(log, "wb")  # noqa: SIM115 - open for the server's whole life
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(self.url + "/moto-api/data.json", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise SystemExit(f"moto_server did not start, see {log}")
+        import boto3
+
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+        )
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def fresh_bucket(self, name: str) -> None:
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=name):
+                for obj in page.get("Contents", []):
+                    self.client.delete_object(Bucket=name, Key=obj["Key"])
+            self.client.delete_bucket(Bucket=name)
+        except Exception:  # the bucket did not exist yet
+            pass
+        self.client.create_bucket(Bucket=name)
+
+    def bucket_bytes(self, name: str) -> int:
+        total = 0
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=name):
+            total += sum(o["Size"] for o in page.get("Contents", []))
+        return total
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self._log.close()
+
+
 # --------------------------------------------------------------------------- the bench
 @dataclass
 class Bench:
@@ -346,6 +433,8 @@ class Bench:
         for t in self.tools:
             for p in (t.repo, t.cache, t.target):
                 rm(p)
+            if t.s3 is not None:
+                t.s3.fresh_bucket(t.bucket)
         rm(self.src)
 
     def step(self, run: int, tool: Tool, step: str, data_bytes: int) -> Measure:
@@ -357,7 +446,7 @@ class Bench:
         rc, wall, user, sys_, rss_kib = run_timed(cmd, tool.env(), self.logs / f"{tool.name}.log")
         m.rc, m.wall_s, m.user_s, m.sys_s, m.rss_mib = rc, wall, user, sys_, rss_kib / 1024
         m.ok = rc in cmd.ok_codes
-        m.repo_bytes = du_bytes(tool.repo)
+        m.repo_bytes = tool.repo_bytes()
         m.data_bytes = m.repo_bytes if step == "check" else data_bytes if step != "init" else 0
         if not m.ok:
             m.note = f"FAILED rc={rc}, see {self.logs / (tool.name + '.log')}"
@@ -611,6 +700,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="do not drop the page cache before each timed step (it is dropped only as root)",
     )
     ap.add_argument("--keep", action="store_true", help="keep the source copy, repos and restores")
+    ap.add_argument(
+        "--s3",
+        action="store_true",
+        help="store the repositories in a local moto_server (S3) instead of folders "
+        "(safehold and restic only)",
+    )
     a = ap.parse_args(argv)
     if a.runs < 1 or a.size_mb <= 0:
         ap.error("--runs and --size-mb must be positive")
@@ -639,8 +734,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not shutil.which("cp"):
         print("# error: 'cp' (coreutils) is needed to copy the corpus", file=sys.stderr)
         return 2
+    s3 = None
+    if args.s3:
+        skipped = [t.name for t in tools if not t.supports_s3]
+        if skipped:
+            print(f"# skipping {', '.join(skipped)}: no S3 support")
+        tools = [t for t in tools if t.supports_s3]
+        s3 = S3Server(work / "moto.log")
+        Tool.s3 = s3
+        print(f"# repositories in S3 buckets of a moto_server at {s3.url}")
     bench = Bench(args, work, tools, CacheDropper(not args.no_drop_caches))
-    results = bench.main()
+    try:
+        results = bench.main()
+    finally:
+        if s3 is not None:
+            s3.stop()
     # the exit status judges safehold when it ran, else every tool
     judged = {"safehold"} if any(t.name == "safehold" for t in tools) else {t.name for t in tools}
     failed = sorted({m.tool for m in bench.measures if not m.ok and m.tool in judged})

@@ -159,3 +159,20 @@ class _PermanentDeletes:
         if name.startswith(("data/", "index/")):
             raise PermanentError(f"deleting {name} is not allowed")
         self._inner.delete(name)  # type: ignore[attr-defined]
+
+
+def test_directory_cache_is_dropped_after_a_prune(repo: Repository, tmp_path: Path) -> None:
+    """A tree the directory cache remembers may stay indexed after a prune while data it refers
+    to was deleted; so a prune invalidates the cache, and nothing is reused blindly."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "a").write_bytes(os.urandom(200_000))
+    first = backup(repo, BackupOptions(paths=[str(src)]))
+    again = backup(repo, BackupOptions(paths=[str(src)]))
+    assert again.summary["dirs_unchanged"] >= 1
+    assert first.snapshot is not None
+    _forget(repo, first.snapshot.id)
+    prune(repo, PruneOptions(max_unused=0.0, grace_s=0))
+    after = backup(repo, BackupOptions(paths=[str(src)]))
+    assert after.summary["dirs_unchanged"] == 0
+    assert check(repo, CheckOptions(read_data=True)).ok

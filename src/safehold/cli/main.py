@@ -8,7 +8,7 @@ import sys
 import traceback
 
 from safehold._version import __version__
-from safehold.cli import cmd_backup, cmd_browse, cmd_forget, cmd_repo
+from safehold.cli import cmd_backup, cmd_browse, cmd_forget, cmd_repo, cmd_serve
 from safehold.cli.common import Context
 from safehold.errors import EXIT_ERROR, EXIT_INTERRUPTED, SafeholdError
 
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_backup.add_parsers(sub, common)
     cmd_browse.add_parsers(sub, common)
     cmd_forget.add_parsers(sub, common)
+    cmd_serve.add_parsers(sub, common)
     return parser
 
 

@@ -80,6 +80,7 @@ class _Counters:
     files_unmodified: int = 0
     files_failed: int = 0
     dirs: int = 0
+    dirs_unchanged: int = 0  # reused from the directory cache
     others: int = 0
     files_done: int = 0
     bytes_done: int = 0
@@ -144,7 +145,11 @@ class _Archiver:
         self.fatal: BaseException | None = None
         self.small = repo.chunker_params.min
         cache_root = repo.cache.root if repo.cache is not None else None
-        self.dircache = DirCache(cache_root / "dirs.msgpack" if cache_root else None)
+        index = session.index
+        self.dircache = DirCache(
+            cache_root / "dirs.msgpack" if cache_root else None,
+            index.index_ids - index.superseded,
+        )
 
     # --- reporting --------------------------------------------------------------------------
 
@@ -418,6 +423,7 @@ class _Archiver:
         walked; its files are neither read nor compared one by one."""
         job.cached = cached
         c = self.counters
+        c.dirs_unchanged += 1
         for name, st in entries:
             if stat.S_ISDIR(st.st_mode):
                 sub = self.walk_subdir(base + name, None, cached.children.get(name), st, root_dev)
@@ -688,6 +694,7 @@ def backup(
         "files_unmodified": c.files_unmodified,
         "files_failed": c.files_failed,
         "dirs": c.dirs,
+        "dirs_unchanged": c.dirs_unchanged,
         "other_entries": c.others,
         "bytes_processed": c.bytes_done,
         "bytes_read": c.bytes_read,

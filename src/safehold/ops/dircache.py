@@ -24,7 +24,7 @@ import blake3
 import msgpack
 
 _ENTRY = struct.Struct("<IIIqqqQQQ")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +56,20 @@ def fingerprint(entries: Iterable[tuple[bytes, os.stat_result]]) -> bytes:
 
 
 class DirCache:
-    def __init__(self, path: Path | None) -> None:
+    """``live_indexes``: the ids of the repository's live index objects now. The cache is
+    valid only while every index object it was saved with is still live: a prune supersedes
+    them all, and after a prune a cached tree may still be indexed while data it refers to is
+    gone, so the whole cache is dropped."""
+
+    def __init__(self, path: Path | None, live_indexes: set[str] | None = None) -> None:
         self.path = path
         self.old: dict[bytes, DirState] = {}
         self.new: dict[bytes, DirState] = {}
+        self.indexes = set(live_indexes or ())
         if path is not None:
-            self.old = _load(path)
+            self.old, saved_with = _load(path)
+            if not saved_with <= self.indexes:
+                self.old = {}
 
     def get(self, dirpath: bytes) -> DirState | None:
         return self.old.get(dirpath)
@@ -80,6 +88,7 @@ class DirCache:
         data = msgpack.packb(
             {
                 "v": CACHE_VERSION,
+                "indexes": sorted(self.indexes),
                 "dirs": {k: [v.fingerprint, v.tree, v.children] for k, v in merged.items()},
             },
             use_bin_type=True,
@@ -91,15 +100,16 @@ class DirCache:
             os.replace(tmp, self.path)
 
 
-def _load(path: Path) -> dict[bytes, DirState]:
+def _load(path: Path) -> tuple[dict[bytes, DirState], set[str]]:
+    """The cached states and the index ids they were saved with (empty when unusable)."""
     try:
         obj = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
         if obj.get("v") != CACHE_VERSION:
-            return {}
+            return {}, set()
         out = {}
         for k, (fp, tree, children) in obj["dirs"].items():
             if isinstance(k, bytes) and isinstance(fp, bytes) and isinstance(tree, bytes):
                 out[k] = DirState(fp, tree, dict(children))
-        return out
+        return out, {str(i) for i in obj["indexes"]}
     except Exception:  # a damaged cache only costs speed
-        return {}
+        return {}, set()
