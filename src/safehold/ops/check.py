@@ -274,8 +274,9 @@ def check(
     return res
 
 
-SEGMENT = 4 << 20
-"""Packs are verified in sequential reads of about this size: memory stays small per pack."""
+SEGMENT = 8 << 20
+"""Packs are verified in sequential reads of about this size: a few requests per pack on remote
+storage, and a bounded amount of memory."""
 
 
 def _verify_pack(repo: Repository, pid: str, size: int) -> list[bytes]:
