@@ -3,7 +3,11 @@
 A new backend adds a parameter to the ``backend`` fixture. The fault-injection seeds are fixed
 (the base seed is in the test id, each test's own seed is printed); set SAFEHOLD_FAULT_SEED to
 try others. The ``s3`` parameter runs the suite against a real moto_server process (see
-``s3server.py``), one fresh bucket per test, objects under a key prefix.
+``s3server.py``), one fresh bucket per test, objects under a key prefix. The ``rclone``
+parameter runs it against the real rclone binary (an ``rclone rcd`` per test) with a local-type
+remote from a temporary config (see ``rclone_env.py``); skipped only if rclone is not installed.
+The ``sftp`` parameter runs it against a real OpenSSH sshd (see ``sshserver.py``), a fresh
+folder per test; skipped only if sshd is not installed.
 """
 
 from __future__ import annotations
@@ -23,14 +27,23 @@ from safehold.backends import (
     MemoryBackend,
     RetryingBackend,
 )
+from safehold.backends.rclone import RcloneBackend
 from safehold.backends.s3 import S3Backend
 
 from .conformance import BackendConformance
 
 if TYPE_CHECKING:
-    from .s3server import MotoServer
+    from tests.support.rclone_config import RcloneEnv
 
-pytest_plugins = ["tests.backends.s3server"]  # the fixture s3_server
+    from .s3server import MotoServer
+    from .sshserver import SSHServer
+
+# the fixtures s3_server, rclone_env and sshd
+pytest_plugins = [
+    "tests.backends.s3server",
+    "tests.backends.rclone_env",
+    "tests.backends.sshserver",
+]
 
 FAULT_SEED = int(os.environ.get("SAFEHOLD_FAULT_SEED", "1729"))
 FAULT_RATE = 0.3
@@ -65,6 +78,9 @@ def faulty_local(root: Path, seed: int) -> tuple[Backend, FaultInjectingBackend]
         "memory",
         f"faulty-local-seed{FAULT_SEED}",
         pytest.param("s3", marks=pytest.mark.s3),
+        pytest.param("rclone", marks=pytest.mark.rclone),
+        pytest.param("sftp", marks=pytest.mark.sftp),
+        "serve",
     ]
 )
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
@@ -79,6 +95,17 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         b = S3Backend(server.new_bucket(), "backups/repo", endpoint_url=server.url)
         b.create()
         request.addfinalizer(server.reset)
+    elif request.param == "rclone":
+        env: RcloneEnv = request.getfixturevalue("rclone_env")
+        b = RcloneBackend(env.remote_path("backups/repo"))
+        b.create()
+    elif request.param == "sftp":
+        sshd: SSHServer = request.getfixturevalue("sshd")
+        b = sshd.backend(sshd.new_dir())
+        b.create()
+    elif request.param == "serve":
+        b = serve_backend(tmp_path, request)
+        b.create()
     else:
         # A different but fixed seed per test, so the tests do not all see the same faults.
         seed = FAULT_SEED ^ zlib.crc32(request.node.name.encode())
@@ -88,6 +115,20 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     b.close()
     if faulty is not None:
         print(f"faults: {dict(faulty.stats)}")
+
+
+def serve_backend(tmp_path: Path, request: pytest.FixtureRequest) -> Backend:
+    """An ssh:// backend whose "ssh" runs ``safehold serve`` locally over pipes."""
+    import sys
+
+    from safehold.backends.registry import open_backend
+
+    mp = pytest.MonkeyPatch()
+    request.addfinalizer(mp.undo)
+    fake = Path(__file__).resolve().parent.parent / "support" / "fake_rsh.py"
+    mp.setenv("SAFEHOLD_RSH", f"{sys.executable} {fake}")
+    mp.setenv("FAKE_RSH_ROOT", str(tmp_path))
+    return open_backend("ssh://backup@server.invalid/~/repo")
 
 
 class TestConformance(BackendConformance):

@@ -58,10 +58,10 @@ def test_memory_urls_share_a_backend_per_url() -> None:
 
 def test_unknown_scheme_names_the_supported_ones() -> None:
     with pytest.raises(UsageError) as info:
-        open_backend("sftp://host/path")
+        open_backend("ftp://host/path")
     assert str(info.value) == (
-        "unsupported repository URL scheme 'sftp' in 'sftp://host/path' "
-        "(supported: file, memory, s3)"
+        "unsupported repository URL scheme 'ftp' in 'ftp://host/path' "
+        "(supported: file, memory, rclone, s3, sftp, ssh)"
     )
 
 
@@ -82,8 +82,10 @@ def test_register_scheme(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = open_backend("Fake://host/path")
     assert isinstance(backend, MemoryBackend)
     assert opened == ["Fake://host/path"]
-    with pytest.raises(UsageError, match=r"\(supported: fake, file, memory, s3\)"):
-        open_backend("sftp://host")
+    with pytest.raises(
+        UsageError, match=r"\(supported: fake, file, memory, rclone, s3, sftp, ssh\)"
+    ):
+        open_backend("ftp://host")
     with pytest.raises(UsageError, match=r"unknown option 'fake\.x' for fake:// repositories"):
         open_backend("fake://host/path", {"fake.x": "1"})
     with pytest.raises(ValueError):

@@ -1,5 +1,5 @@
 """Open a backend from a repository URL: a plain path, ``file:///abs/path``, ``memory://name`` or
-``s3://bucket/prefix``.
+``s3://bucket/prefix``, or ``rclone:REMOTE:PATH`` (rclone's own syntax, without ``//``).
 
 Other schemes (``sftp://``, …) are added with :func:`register_scheme`. A scheme may take options
 (``-o s3.endpoint=…`` on the command line), each named ``<scheme>.<name>``.
@@ -26,6 +26,8 @@ OptionsFactory = Callable[[str, Mapping[str, str]], Backend]
 """Opens a URL of a scheme that takes options: ``factory(url, options)``."""
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# rclone's own syntax has no "//": rclone:REMOTE:PATH (an "rclone://" URL is refused by it).
+_RCLONE = re.compile(r"^(rclone):(?!//)", re.IGNORECASE)
 _lock = threading.Lock()
 
 
@@ -96,7 +98,7 @@ def _open(url: str, options: Mapping[str, str] | None) -> Backend:
     if not url:
         raise UsageError("empty repository location")
     options = dict(options or {})
-    match = _SCHEME.match(url)
+    match = _SCHEME.match(url) or _RCLONE.match(url)
     if match is None:
         _check_options("local", None, options)
         return LocalBackend(os.path.expanduser(url))
@@ -108,7 +110,7 @@ def _open(url: str, options: Mapping[str, str] | None) -> Backend:
             f"unsupported repository URL scheme {scheme!r} in {url!r} "
             f"(supported: {', '.join(supported_schemes())})"
         )
-    _check_options(f"{scheme}://", entry.options, options)
+    _check_options(f"{scheme}:" if scheme == "rclone" else f"{scheme}://", entry.options, options)
     if entry.options is None:
         return entry.factory(url)
     return entry.factory(url, options)
@@ -153,3 +155,36 @@ S3_OPTIONS = (
 register_scheme("file", _open_file)
 register_scheme("memory", _open_memory)
 register_scheme("s3", _open_s3, options=S3_OPTIONS)
+
+
+def _open_sftp(url: str, options: Mapping[str, str]) -> Backend:
+    # Imported on use, as boto3: paramiko takes a while to load.
+    from safehold.backends.sftp import open_sftp
+
+    return open_sftp(url, options)
+
+
+SFTP_OPTIONS = ("sftp.key-file", "sftp.known-hosts", "sftp.timeout")
+
+register_scheme("sftp", _open_sftp, options=SFTP_OPTIONS)
+
+
+def _open_rclone(url: str, options: Mapping[str, str]) -> Backend:
+    from safehold.backends.rclone import open_rclone
+
+    return open_rclone(url, options)
+
+
+RCLONE_OPTIONS = ("rclone.binary", "rclone.config")
+
+register_scheme("rclone", _open_rclone, options=RCLONE_OPTIONS)
+
+
+def _open_ssh(url: str) -> Backend:
+    from safehold.backends.remote import open_ssh
+    from safehold.backends.wrappers import RetryingBackend
+
+    return RetryingBackend(open_ssh(url))
+
+
+register_scheme("ssh", _open_ssh)
