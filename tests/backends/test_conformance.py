@@ -29,6 +29,7 @@ from safehold.backends import (
 )
 from safehold.backends.rclone import RcloneBackend
 from safehold.backends.s3 import S3Backend
+from tests.support.checks import no_sleep
 
 from .conformance import BackendConformance
 
@@ -47,10 +48,6 @@ pytest_plugins = [
 
 FAULT_SEED = int(os.environ.get("SAFEHOLD_FAULT_SEED", "1729"))
 FAULT_RATE = 0.3
-
-
-def no_sleep(seconds: float) -> None:
-    pass
 
 
 def faulty_local(root: Path, seed: int) -> tuple[Backend, FaultInjectingBackend]:

@@ -26,22 +26,14 @@ from safehold.backends import RetryingBackend, open_backend
 from safehold.backends.base import ObjectInfo
 from safehold.backends.rclone import MISSING_BINARY, RcloneBackend
 from safehold.errors import AlreadyExists, NotFound, PermanentError, TransientError, UsageError
+from tests.support.checks import error_line as one_line
+from tests.support.checks import no_sleep
 from tests.support.rclone_config import RCLONE, REMOTE, RcloneEnv, free_port, write_config
 
 pytest_plugins = ["tests.backends.rclone_env"]  # rclone_env
 pytestmark = pytest.mark.rclone
 
 MiB = 1 << 20
-
-
-def no_sleep(seconds: float) -> None:
-    pass
-
-
-def one_line(e: BaseException) -> str:
-    text = str(e)
-    assert text and "\n" not in text, repr(text)
-    return text
 
 
 def gone(pid: int) -> bool:

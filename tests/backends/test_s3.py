@@ -30,6 +30,8 @@ from safehold.errors import (
     TransientError,
     UsageError,
 )
+from tests.support.checks import error_line as one_line
+from tests.support.checks import no_sleep
 
 if TYPE_CHECKING:
     from .s3server import AuthServer, MotoServer
@@ -39,10 +41,6 @@ pytest_plugins = ["tests.backends.s3server"]
 pytestmark = pytest.mark.s3
 
 MiB = 1 << 20
-
-
-def no_sleep(seconds: float) -> None:
-    pass
 
 
 @dataclass
@@ -70,12 +68,6 @@ def watched_client(server: MotoServer, **config: Any) -> tuple[Any, Calls]:
     client = server.client(config=Config(retries={"mode": "standard"}, **config))
     client.meta.events.register("after-call.s3", calls.record)
     return client, calls
-
-
-def one_line(e: BaseException) -> str:
-    text = str(e)
-    assert text and "\n" not in text, repr(text)
-    return text
 
 
 # --- keys, prefix, listing -----------------------------------------------------------------------

@@ -25,6 +25,8 @@ import pytest
 from safehold.backends import RetryingBackend, open_backend
 from safehold.backends.sftp import SFTPBackend
 from safehold.errors import NotFound, PermanentError, TransientError, UsageError
+from tests.support.checks import error_line as one_line
+from tests.support.checks import no_sleep
 
 if TYPE_CHECKING:
     from .sshserver import SSHServer
@@ -34,16 +36,6 @@ pytest_plugins = ["tests.backends.sshserver"]
 pytestmark = pytest.mark.sftp
 
 MiB = 1 << 20
-
-
-def no_sleep(seconds: float) -> None:
-    pass
-
-
-def one_line(e: BaseException) -> str:
-    text = str(e)
-    assert text and "\n" not in text, repr(text)
-    return text
 
 
 def retrying(b: SFTPBackend, retried: list[str], attempts: int = 4) -> RetryingBackend:

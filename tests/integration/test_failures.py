@@ -20,6 +20,7 @@ from safehold.format.tree import Node, tree_to_bytes
 from safehold.ids import BlobType
 from safehold.repository.repo import Repository
 from tests.conftest import PASSWORD, Cli
+from tests.support.checks import stderr_line as _one_line
 
 
 def _state(root: Path) -> dict[str, tuple[int, int]]:
@@ -28,13 +29,6 @@ def _state(root: Path) -> dict[str, tuple[int, int]]:
         for p in root.rglob("*")
         if p.is_file()
     }
-
-
-def _one_line(err: str) -> str:
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def test_wrong_password_exit_3_and_writes_nothing(cli: Cli, tmp_path: Path) -> None:

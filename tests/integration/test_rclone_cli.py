@@ -15,6 +15,7 @@ import pytest
 
 from safehold.backends import open_backend
 from tests.conftest import Cli, Result
+from tests.support.checks import stderr_line as _one_line
 from tests.support.rclone_config import REMOTE, RcloneEnv
 from tests.support.treecmp import compare_trees
 
@@ -43,13 +44,6 @@ class RcloneCli:
 @pytest.fixture
 def rcli(cli: Cli, rclone_env: RcloneEnv) -> RcloneCli:
     return RcloneCli(cli, rclone_env)
-
-
-def _one_line(err: str) -> str:
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def _rcd_processes(marker: str) -> list[int]:

@@ -16,6 +16,7 @@ import pytest
 from safehold.backends.registry import open_backend
 from safehold.repository.repo import Repository
 from tests.conftest import PASSWORD, Cli, Result
+from tests.support.checks import stderr_line as _one_line
 from tests.support.treecmp import compare_trees
 
 if TYPE_CHECKING:
@@ -53,13 +54,6 @@ class S3Cli:
 @pytest.fixture
 def s3cli(cli: Cli, s3_server: MotoServer, s3_bucket: str) -> S3Cli:
     return S3Cli(cli, s3_bucket, s3_server.url, s3_server.env)
-
-
-def _one_line(err: str) -> str:
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def _objects(server: MotoServer, bucket: str, prefix: str = "") -> dict[str, int]:

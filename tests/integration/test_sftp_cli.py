@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tests.conftest import Cli, Result
+from tests.support.checks import stderr_line as _one_line
 from tests.support.treecmp import compare_trees
 
 if TYPE_CHECKING:
@@ -42,13 +43,6 @@ class SFTPCli:
         r = self(*args, **kw)
         assert r.code == 0, str(r)
         return r
-
-
-def _one_line(err: str) -> str:
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def test_init_backup_restore_check(

@@ -13,6 +13,7 @@ from typing import Any
 from safehold.cli.common import Context, open_repo, snapshot_row
 from safehold.errors import EXIT_OK, UsageError
 from safehold.format.tree import Node
+from safehold.ops.prune import referenced_blobs
 from safehold.ops.restore import iter_files
 from safehold.repository.repo import Repository, filter_snapshots
 from safehold.units import format_size
@@ -211,23 +212,12 @@ def cmd_stats(ctx: Context) -> int:
     else:
         snaps = filter_snapshots(repo.snapshots(), host=a.host, tags=a.tag, paths=a.path)
     files = size = 0
-    blobs: set[bytes] = set()
-    seen: set[bytes] = set()
-    for s in snaps:
-        stack = [s.tree]
-        while stack:
-            t = stack.pop()
-            if t in seen:
-                continue
-            seen.add(t)
-            blobs.add(t)
-            for n in repo.read_tree(t):
-                if n.subtree is not None:
-                    stack.append(n.subtree)
-                if n.type == "file":
-                    files += 1
-                    size += n.size
-                    blobs.update(n.content or [])
+    for s in snaps:  # every file of every snapshot, as a restore of each would write it
+        for _, n in iter_files(repo, s.tree):
+            if n.type == "file":
+                files += 1
+                size += n.size
+    blobs = referenced_blobs(repo, snaps)  # each stored blob once
     raw = stored = 0
     for b in blobs:
         loc = index.lookup(b)

@@ -732,6 +732,3 @@ def backup(
         summary["snapshot"] = snap.id
     summary["parent"] = parent.id if parent else None
     return BackupResult(snap, summary, arch.warnings)
-
-
-ProgressCallback = Callable[[Event], None]

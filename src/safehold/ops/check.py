@@ -270,7 +270,7 @@ def check(
             cycle, done = cycle + 1, set()
         _save_state(opts.state_file, repo_id, cycle, done)
         if bad_blobs:
-            _name_damaged_files(repo, snapshots, bad_blobs, res, damage)
+            _name_damaged_files(repo, snapshots, bad_blobs, res)
     return res
 
 
@@ -339,7 +339,6 @@ def _name_damaged_files(
     snapshots: list[Snapshot],
     bad: set[bytes],
     res: CheckResult,
-    damage: EventSink | object,
 ) -> None:
     for snap in snapshots:
         stack: list[tuple[bytes, str]] = [(snap.tree, "")]

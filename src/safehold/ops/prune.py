@@ -139,9 +139,10 @@ def plan_prune(repo: Repository, opts: PruneOptions) -> PrunePlan:
         else:
             repack.append(p)
             left -= unused
-    listed = {p.pack_id.hex() for p in live} | {p.pack_id.hex() for p in index.old_packs()}
+    live_ids = {p.pack_id.hex() for p in live}
+    old_ids = {p.pack_id.hex() for p in index.old_packs()}  # condemned by an earlier prune
     stored = {name_to_id(i.name): i.size for i in repo.backend.list("data/")}
-    unindexed = sorted(pid for pid in stored if pid not in {p.pack_id.hex() for p in live})
+    unindexed = sorted(pid for pid in stored if pid not in live_ids)
     missing = [b for b in referenced if b not in used_in]
     plan = PrunePlan(
         referenced=referenced,
@@ -155,6 +156,7 @@ def plan_prune(repo: Repository, opts: PruneOptions) -> PrunePlan:
         used_in=used_in,
     )
     size_of = {p.pack_id.hex(): p.size for p in live} | stored
+    repacked_used = sum(b.length for p in repack for b in p.blobs if used_in.get(b.id) == p.pack_id)
     plan.stats = {
         "packs": len(stored),
         "bytes": sum(stored.values()),
@@ -163,15 +165,10 @@ def plan_prune(repo: Repository, opts: PruneOptions) -> PrunePlan:
         "packs_to_delete": len(plan.condemn) - len(repack),
         "packs_to_repack": len(repack),
         "bytes_to_repack": sum(p.size for p in repack),
-        "bytes_freed": sum(size_of.get(pid, 0) for pid in plan.condemn)
-        - sum(used for used in _used_bytes(repack, used_in)),
-        "unindexed_packs": len([u for u in unindexed if u not in listed]),
+        "bytes_freed": sum(size_of.get(pid, 0) for pid in plan.condemn) - repacked_used,
+        "unindexed_packs": len([u for u in unindexed if u not in old_ids]),
     }
     return plan
-
-
-def _used_bytes(packs: list[IndexedPack], used_in: dict[bytes, bytes]) -> list[int]:
-    return [sum(b.length for b in p.blobs if used_in.get(b.id) == p.pack_id) for p in packs]
 
 
 def execute_prune(

@@ -6,7 +6,7 @@ import collections
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -547,6 +547,3 @@ def _cache_for(cache_dir: Path | None, repo_id: bytes) -> Cache | None:
     if cache_dir is None:
         return None
     return Cache(cache_dir / repo_id.hex())
-
-
-ProgressFn = Callable[[int], None]
