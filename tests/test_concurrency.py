@@ -80,7 +80,7 @@ def test_three_backups_beside_prune(repo: Repository, tmp_path: Path) -> None:
             r = Repository.open(pausable, PASSWORD.encode())  # type: ignore[arg-type]
             lock = r.lock()
             try:
-                results[i] = backup(r, BackupOptions(paths=[str(sources[i])]), lease=lock.check)
+                results[i] = backup(r, BackupOptions(paths=[str(sources[i])]), lock=lock)
             finally:
                 lock.release()
         except BaseException as e:
@@ -105,7 +105,7 @@ def test_three_backups_beside_prune(repo: Repository, tmp_path: Path) -> None:
         done = finish_plans(repo, lock, grace_s=0)
     finally:
         lock.release()
-    assert done.plans_finished == 1 and done.rescued_packs >= 1
+    assert len(done.plans_finished) == 1 and done.rescued_packs >= 1
     fresh = Repository.open(repo.backend, PASSWORD.encode())
     assert check(fresh, CheckOptions(read_data=True)).ok
     for i in range(3):

@@ -22,13 +22,14 @@ def test_lost_lease_commits_no_snapshot_and_keeps_the_uploads(
     (src / "f").write_bytes(os.urandom(300_000))
     lock = repo.lock()
     try:
-        lock.refreshed = time.monotonic() - LEASE_SECONDS  # as if refreshes had been failing
+        lock.refreshed_wall -= LEASE_SECONDS  # as if refreshes had been failing
+        lock.refreshed_elapsed -= LEASE_SECONDS
         with pytest.raises(Locked, match="lost the repository lock"):
-            backup(repo, BackupOptions(paths=[str(src)]), lease=lock.check)
+            backup(repo, BackupOptions(paths=[str(src)]), lock=lock)
         assert repo.snapshots() == []
         assert repo.reload_index().blob_count() > 0  # the data is indexed, reused next time
-        lock.refreshed = time.monotonic()
-        result = backup(repo, BackupOptions(paths=[str(src)]), lease=lock.check)
+        lock.refreshed_wall, lock.refreshed_elapsed = lock.clock.time(), lock.clock.elapsed()
+        result = backup(repo, BackupOptions(paths=[str(src)]), lock=lock)
         assert result.snapshot is not None
         assert result.summary["data_added"] < 1000  # nothing uploaded again but the trees
     finally:

@@ -38,7 +38,7 @@ def test_prune_frees_forgotten_data_and_keeps_the_rest(repo: Repository, tmp_pat
     _forget(repo, first.id)
     before = _pack_bytes(repo)
     plan, res = prune(repo, PruneOptions(max_unused=0.0, grace_s=0))
-    assert res.plans_finished == 1 and res.deleted_packs > 0 and not res.not_deleted
+    assert len(res.plans_finished) == 1 and res.deleted_packs > 0 and not res.not_deleted
     after = _pack_bytes(repo)
     assert before - after >= 800_000
     used = plan.stats["used_bytes"]
@@ -100,11 +100,12 @@ def test_backup_running_across_prune_keeps_what_it_deduplicated(
     other = Repository.open(repo.backend, PASSWORD.encode())
     other_lock = other.lock()
     _ = other.index
+    other.reload_index = lambda: other.index  # type: ignore[method-assign]  # loaded already
     # prune plans: condemns the pack with x.bin's data; it must not delete while the lock lives
     _, res = prune(repo, PruneOptions(max_unused=0.0, grace_s=0))
     assert res.plans_waiting == 1 and res.deleted_packs == 0
     # the other backup finishes, deduplicating x.bin against the condemned pack
-    result = backup(other, BackupOptions(paths=[str(src)]), lease=other_lock.check)
+    result = backup(other, BackupOptions(paths=[str(src)]), lock=other_lock)
     assert result.snapshot is not None and result.summary["data_added"] < 10_000
     other_lock.release()
     # the plan is now due: the new snapshot's blob is found only in a condemned pack: kept
@@ -113,7 +114,7 @@ def test_backup_running_across_prune_keeps_what_it_deduplicated(
         done = finish_plans(repo, prune_lock, grace_s=0)
     finally:
         prune_lock.release()
-    assert done.plans_finished == 1 and done.rescued_packs >= 1
+    assert len(done.plans_finished) == 1 and done.rescued_packs >= 1
     fresh = Repository.open(repo.backend, PASSWORD.encode())
     assert check(fresh, CheckOptions(read_data=True)).ok
     restore(

@@ -261,12 +261,24 @@ def test_locked_repository_exit_5(cli: Cli, tmp_path: Path) -> None:
     src.mkdir()
     r = cli("backup", str(src))
     assert r.code == 5 and "locked" in _one_line(r.err)
-    # a lock of a dead process on this host is stale at once
-    lock["host"] = socket.gethostname()
-    lock["pid"] = 2**22 + 12345
+    # a lock of a dead process on this host, this boot, this PID namespace is stale at once
+    from safehold.repository.locks import _boot_id, _pid_namespace
+
+    lock |= {"host": socket.gethostname(), "boot_id": _boot_id(), "pidns": _pid_namespace()}
+    lock |= {"pid": 2**22 + 12345, "start": 12345}
     (cli.repo / "locks" / ("ab" * 32)).write_text(_json.dumps(lock))
     cli.ok("backup", str(src))
     assert "removed 1" in cli.ok("unlock").out
+    # without the boot and namespace (another container with the same host name, or an old
+    # client), the pid proves nothing: the lock holds until its lease ends
+    for drop in ("boot_id", "pidns", "start"):
+        stripped = {k: v for k, v in lock.items() if k != drop}
+        (cli.repo / "locks" / ("ab" * 32)).write_text(_json.dumps(stripped))
+        r = cli("backup", str(src))
+        assert r.code == 5 and "locked" in _one_line(r.err), drop
+    other_ns = lock | {"pidns": "pid:[1]"}
+    (cli.repo / "locks" / ("ab" * 32)).write_text(_json.dumps(other_ns))
+    assert cli("backup", str(src)).code == 5
 
 
 def test_corrupt_config_is_a_clear_error(cli: Cli) -> None:

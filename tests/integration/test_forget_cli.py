@@ -47,18 +47,25 @@ def test_prune_cli(cli: Cli, tmp_path: Path) -> None:
     size = lambda: sum(p.stat().st_size for p in (cli.repo / "data").rglob("*") if p.is_file())  # noqa: E731
     before = size()
     dry = cli.ok("prune", "--dry-run", "--grace-minutes", "0").out
-    assert "delete 0 packs" in dry and size() == before  # nothing is unused yet
-    r = cli.ok("forget", "--keep-last", "1", "--prune", "--grace-minutes", "0", "--json")
+    assert "would condemn 0 unused packs" in dry and size() == before  # nothing is unused yet
+    # as a new user would: no grace option; on a local disk with no other client active, the
+    # space is freed in the same run
+    r = cli.ok("forget", "--keep-last", "1", "--prune", "--json")
     prune_out = json.loads(r.out.splitlines()[-1])
     assert prune_out["type"] == "prune" and prune_out["deleted_bytes"] >= 1_900_000
     assert size() <= before - 1_900_000
     cli.ok("check", "--read-data")
-    # with the default grace period the deletion waits for the next prune
+    # with a grace period the deletion waits for a later prune, and says when
     (src / "big").write_bytes(os.urandom(500_000))
     cli.ok("backup", str(src))
     cli.ok("forget", "--keep-last", "1")
-    out = cli.ok("prune").out
-    assert "deleted 0 packs" in out and "wait" in out
+    out = cli.ok("prune", "--grace-minutes", "5").out
+    assert "deleted 0 packs" in out and "waits" in out and "condemned 2 packs" in out, out
     assert "condemned" in cli.ok("check").out
+    again = cli.ok("prune", "--grace-minutes", "5").out
+    assert "nothing to prune" in again and "deleted 0 packs" in again, again
+    assert list((cli.repo / "plans").iterdir()).__len__() == 1  # no plan for nothing to do
+    done = cli.ok("prune").out
+    assert "finished 1 earlier plans" in done and "deleted 2 packs" in done, done
     r = cli("prune", "--max-unused", "lots")
     assert r.code == 2 and "max-unused" in r.err

@@ -13,6 +13,8 @@ from safehold.errors import AlreadyExists, NotFound
 class MemoryBackend:
     """Objects in a dict, guarded by a lock; same semantics as :class:`LocalBackend`."""
 
+    consistent_listing = True  # a listing shows every object stored before it began
+
     def __init__(self, label: str = "") -> None:
         self._label = label
         self._objects: dict[str, bytes] = {}

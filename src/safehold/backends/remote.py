@@ -15,9 +15,11 @@ message is ``{"op": "hello", "v": 1, "path": PATH}``; then one request per messa
 by ``{"ok": true, ...}`` or ``{"error": KIND, "message": TEXT}`` where KIND names the exception
 (``NotFound``, ``AlreadyExists``, ``TransientError``, ``PermanentError``, ``UsageError``).
 
-With ``--append-only`` the server refuses every delete and every overwrite, whatever the client
-sends, except under ``locks/`` (lock objects are overwritten while they live and deleted when
-released): stored data can only be added to.
+With ``--append-only`` the server, whatever the client sends, only creates new objects named
+``data/<xx>/<id>``, ``index/<id>``, ``snapshots/<id>`` and ``locks/<id>``, and only overwrites and
+deletes ``locks/<id>`` (lock objects are overwritten while they live and deleted when released);
+it refuses everything else, ``plans/``, ``keys/``, ``config`` and ``create`` included: stored
+data can only be added to, and the client cannot plant a prune plan for the owner's next prune.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class Server:
         self.root = os.path.realpath(root)
         self.append_only = append_only
         self.backend: LocalBackend | None = None
+        self.path = ""  # the repository path the client asked for in hello
 
     def _open(self, path: str) -> LocalBackend:
         """The repository at ``path``: an absolute path inside the root, or a path relative to
@@ -119,7 +122,8 @@ class Server:
         if op == "hello":
             if req.get("v") != PROTOCOL_VERSION:
                 raise PermanentError(f"unsupported protocol version {req.get('v')!r}")
-            self.backend = self._open(str(req.get("path", "")))
+            self.path = str(req.get("path", ""))
+            self.backend = self._open(self.path)
             return {"ok": True, "v": PROTOCOL_VERSION, "append_only": self.append_only}
         b = self.backend
         if b is None:
@@ -134,19 +138,23 @@ class Server:
             return {"ok": True, "size": b.stat(name).size}
         if op == "store":
             overwrite = bool(req.get("overwrite", False))
-            if self.append_only and overwrite and not _is_lock(name):
-                raise PermanentError(f"append-only: refusing to overwrite {name}")
+            if self.append_only:
+                _check_append_only("overwrite" if overwrite else "store", name)
             data = req.get("data")
             if not isinstance(data, bytes):
                 raise PermanentError("store without data")
             b.store(name, data, overwrite=overwrite)
             return {"ok": True}
         if op == "delete":
-            if self.append_only and not _is_lock(name):
-                raise PermanentError(f"append-only: refusing to delete {name}")
+            if self.append_only:
+                _check_append_only("delete", name)
             b.delete(name)
             return {"ok": True}
         if op == "create":
+            if self.append_only:
+                raise PermanentError(
+                    f"the server is append-only: refusing to create a repository at {self.path}"
+                )
             b.create()
             return {"ok": True}
         raise PermanentError(f"unknown request {op!r}")
@@ -164,11 +172,42 @@ class Server:
             write_message(out, resp)
 
 
-def _is_lock(name: Any) -> bool:
-    if not isinstance(name, str):
-        return False
-    check_name(name)
-    return name.startswith("locks/") and name.count("/") == 1
+_HEX = frozenset("0123456789abcdef")
+
+
+def _is_id(text: str) -> bool:
+    """64 lowercase hex digits: an object id (docs/format.md §1)."""
+    return len(text) == 64 and all(c in _HEX for c in text)
+
+
+def _append_only_kind(name: str) -> str | None:
+    """``"lock"`` for ``locks/<id>``; ``"add"`` for the other names an append-only client may
+    create (``data/<xx>/<id>`` with ``<xx>`` = ``<id>[:2]``, ``index/<id>``,
+    ``snapshots/<id>``); None for every other name."""
+    parts = name.split("/")
+    if len(parts) == 2 and _is_id(parts[1]):
+        if parts[0] == "locks":
+            return "lock"
+        if parts[0] in ("index", "snapshots"):
+            return "add"
+    if len(parts) == 3 and parts[0] == "data" and _is_id(parts[2]) and parts[1] == parts[2][:2]:
+        return "add"
+    return None
+
+
+def _check_append_only(action: str, name: Any) -> None:
+    """Raise PermanentError unless an append-only server may ``action`` (``"store"``: create
+    if absent; ``"overwrite"``; ``"delete"``) the object ``name``: it may create
+    ``data/<xx>/<id>``, ``index/<id>``, ``snapshots/<id>`` and ``locks/<id>``, and overwrite
+    and delete ``locks/<id>``; nothing else (not ``plans/``, ``keys/`` or ``config``)."""
+    check_name(name)  # a malformed name is refused as such (ValueError), before any rule
+    kind = _append_only_kind(name)
+    if kind == "lock" or (kind == "add" and action == "store"):
+        return
+    raise PermanentError(
+        f"the server is append-only: refusing to {action} {name} (a client may only add "
+        "data/, index/, snapshots/ and locks/ objects, and overwrite or delete locks/ objects)"
+    )
 
 
 # --- the client -----------------------------------------------------------------------------

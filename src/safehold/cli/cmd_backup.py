@@ -134,20 +134,14 @@ def cmd_backup(ctx: Context) -> int:
     progress = _Progress(ctx)
     try:
         with stop_on_signals() as stop:
-            lock = None if a.dry_run else repo.lock()
-            try:
-                result = backup(
-                    repo,
-                    opts,
-                    events=progress,
-                    stdin=sys.stdin.buffer if a.stdin else None,  # type: ignore[arg-type]
-                    stop=stop,
-                    estimate_totals=progress.bar is not None,
-                    lease=lock.check if lock is not None else None,
-                )
-            finally:
-                if lock is not None:
-                    lock.release()
+            result = backup(
+                repo,
+                opts,
+                events=progress,
+                stdin=sys.stdin.buffer if a.stdin else None,  # type: ignore[arg-type]
+                stop=stop,
+                estimate_totals=progress.bar is not None,
+            )
     finally:
         progress.close()
         repo.close()

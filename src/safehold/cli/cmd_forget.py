@@ -51,17 +51,19 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--grace-minutes",
         type=float,
-        default=DEFAULT_GRACE_S / 60,
+        default=None,
         metavar="M",
-        help="wait this long after condemning packs before deleting them (default "
-        "%(default)s; backups running meanwhile are always waited for)",
+        help="also wait this long after condemning packs before deleting them (default: 0 "
+        f"where listings are consistent, {DEFAULT_GRACE_S / 60:.0f} where they may lag, as on "
+        "many rclone remotes); backups running meanwhile are always waited for",
     )
 
 
 def _prune_opts(a: argparse.Namespace, dry_run: bool) -> PruneOptions:
-    if a.grace_minutes < 0:
+    if a.grace_minutes is not None and a.grace_minutes < 0:
         raise UsageError("--grace-minutes must not be negative")
-    return PruneOptions(parse_max_unused(a.max_unused), dry_run, a.grace_minutes * 60)
+    grace = None if a.grace_minutes is None else a.grace_minutes * 60
+    return PruneOptions(parse_max_unused(a.max_unused), dry_run, grace)
 
 
 def _policy(a: argparse.Namespace) -> Policy:
@@ -88,7 +90,9 @@ def cmd_forget(ctx: Context) -> int:
     policy = _policy(a)
     repo = open_repo(ctx)
     try:
-        lock = None if a.dry_run else repo.lock(exclusive=True)
+        # forget deletes snapshot objects only: backups run beside it; prune and other forgets
+        # do not
+        lock = None if a.dry_run else repo.lock(op="forget")
         try:
             plan = plan_forget(
                 repo,
@@ -101,7 +105,7 @@ def cmd_forget(ctx: Context) -> int:
                     allow_empty=a.allow_empty,
                 ),
             )
-            removed = [] if a.dry_run else forget(repo, plan)
+            removed = [] if a.dry_run or lock is None else forget(repo, plan, lock=lock)
         finally:
             if lock is not None:
                 lock.release()
@@ -154,6 +158,7 @@ def cmd_prune(ctx: Context) -> int:
     finally:
         repo.close()
     st = plan.stats
+    warn = bool(res.not_deleted or res.kept_unreadable or res.unreadable or res.stray)
     if ctx.json:
         ctx.emit(
             {
@@ -161,35 +166,68 @@ def cmd_prune(ctx: Context) -> int:
                 "dry_run": opts.dry_run,
                 **st,
                 "plan": res.plan_id,
+                "condemned_packs": res.condemned_packs,
+                "condemned_bytes": res.condemned_bytes,
+                "repacked_blobs": res.repacked_blobs,
                 "deleted_packs": res.deleted_packs,
                 "deleted_bytes": res.deleted_bytes,
+                "deleted_indexes": res.deleted_indexes,
+                "plans_finished": res.plans_finished,
                 "plans_waiting": res.plans_waiting,
+                "waiting": res.waiting,
+                "waiting_bytes": res.waiting_bytes,
                 "rescued_packs": res.rescued_packs,
+                "kept_unreadable": res.kept_unreadable,
                 "not_deleted": res.not_deleted,
+                "stray": res.stray,
+                "unreadable": res.unreadable,
+                "temporaries_removed": len(res.temporaries_removed),
             }
         )
-        return EXIT_OK
+        return 1 if warn and not opts.dry_run else EXIT_OK
     ctx.out(
         f"repository: {st['packs']} packs, {format_size(st['bytes'])}; "
         f"used {format_size(st['used_bytes'])}"
     )
-    ctx.out(
-        f"plan: delete {st['packs_to_delete']} packs, rewrite {st['packs_to_repack']} "
-        f"({format_size(st['bytes_to_repack'])}), frees about {format_size(st['bytes_freed'])}"
-    )
     if opts.dry_run:
+        ctx.out(
+            f"would condemn {st['packs_to_delete']} unused packs and rewrite "
+            f"{st['packs_to_repack']} ({format_size(st['bytes_to_repack'])}), freeing about "
+            f"{format_size(st['bytes_freed'])}"
+        )
         ctx.out("dry run: nothing was changed")
         return EXIT_OK
-    ctx.out(f"deleted {res.deleted_packs} packs ({format_size(res.deleted_bytes)})")
+    if res.plans_finished:
+        ctx.out(f"finished {len(res.plans_finished)} earlier plans")
+    if res.plan_id:
+        ctx.out(
+            f"condemned {res.condemned_packs} packs ({format_size(res.condemned_bytes)})"
+            + (f", rewrote {res.repacked_blobs} blobs" if res.repacked_blobs else "")
+            + f" (plan {res.plan_id[:8]})"
+        )
+    elif not res.plans_finished:
+        ctx.out("nothing to prune")
+    ctx.out(f"deleted {res.deleted_packs} packs, freed {format_size(res.deleted_bytes)}")
+    if res.rescued_packs:
+        ctx.out(f"kept {res.rescued_packs} condemned packs that new snapshots use")
     if res.plans_waiting:
         ctx.out(
-            f"{res.plans_waiting} plans wait for their grace period or for backups still "
-            "running; run prune again later to delete their packs"
+            f"{format_size(res.waiting_bytes)} in {res.plans_waiting} plans becomes deletable "
+            "later; run prune again then:"
         )
+        for line in res.waiting:
+            ctx.out(f"  {line}")
+    if res.temporaries_removed:
+        ctx.out(f"removed {len(res.temporaries_removed)} temporary files of interrupted stores")
+    for name in res.stray:
+        ctx.note(f"warning: {name} is not a pack; left alone")
+    for line in res.unreadable:
+        ctx.note(f"warning: {line} (ignored; nothing it names was deleted)")
+    for pid in res.kept_unreadable:
+        ctx.note(f"warning: condemned pack {pid[:16]} cannot be read; kept (run check)")
     if res.not_deleted:
         ctx.note(
             f"warning: {len(res.not_deleted)} objects could not be deleted (append-only or "
             f"versioned storage?), e.g. {res.not_deleted[0]}"
         )
-        return 1
-    return EXIT_OK
+    return 1 if warn else EXIT_OK

@@ -26,7 +26,9 @@ def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--append-only",
         action="store_true",
-        help="refuse every delete and overwrite except of lock objects",
+        help="only add data/, index/, snapshots/ and locks/ objects and overwrite or delete "
+        "locks/ objects; refuse everything else (deletes, overwrites, plans/, keys/, config, "
+        "init)",
     )
     s.set_defaults(func=cmd_serve)
 

@@ -27,13 +27,14 @@ from typing import Any
 from safehold._version import __version__
 from safehold.chunker import Chunker, Readable
 from safehold.compress import Compression, CompressionRules
-from safehold.errors import Interrupted, SafeholdError, SnapshotNotFound, UsageError
+from safehold.errors import Interrupted, Locked, SafeholdError, SnapshotNotFound, UsageError
 from safehold.events import Event, EventSink, ignore_events
 from safehold.format.snapshot import Snapshot
 from safehold.format.tree import Node, tree_to_bytes
 from safehold.ids import BlobType
 from safehold.ops.dircache import DirCache, DirState, fingerprint
 from safehold.ops.source import ExcludeRules, node_from_stat
+from safehold.repository.locks import RepositoryLock
 from safehold.repository.repo import Repository, filter_snapshots
 from safehold.repository.writer import WriteSession
 
@@ -61,7 +62,7 @@ class BackupOptions:
     compression: str | None = None  # default: the repository's setting
     compression_for: list[str] = field(default_factory=list)
     stdin_filename: str | None = None  # back up the ``stdin`` stream under this name
-    workers: int = 4
+    workers: int = 4  # 0: everything in the calling thread (deterministic; for simulation)
     index_flush_packs: int = 4
     index_flush_seconds: float = 10.0
 
@@ -137,10 +138,18 @@ class _Archiver:
         self._warn_lock = threading.Lock()
         self._local = threading.local()
         self.workers = max(1, opts.workers)
-        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="safehold-backup")
+        self.pool: Any = (
+            ThreadPoolExecutor(self.workers, thread_name_prefix="safehold-backup")
+            if opts.workers > 0
+            else InlineExecutor()
+        )
         self.in_flight = threading.BoundedSemaphore(self.workers * 4)
         self.pending: collections.deque[_DirJob] = collections.deque()
-        self.scan_pool = ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="safehold-scan")
+        self.scan_pool: Any = (
+            ThreadPoolExecutor(SCAN_THREADS, thread_name_prefix="safehold-scan")
+            if opts.workers > 0
+            else InlineExecutor()
+        )
         self.prefetched: dict[bytes, Future[tuple[_Listing, float]]] = {}
         self.fatal: BaseException | None = None
         self.small = repo.chunker_params.min
@@ -148,7 +157,7 @@ class _Archiver:
         index = session.index
         self.dircache = DirCache(
             cache_root / "dirs.msgpack" if cache_root else None,
-            index.index_ids - index.superseded,
+            index.state.index_ids - index.state.claimed,
         )
 
     # --- reporting --------------------------------------------------------------------------
@@ -586,6 +595,22 @@ class _Archiver:
         self.counters.total_files, self.counters.total_bytes = files, size
 
 
+def _withdraw(repo: Repository, snap: Snapshot) -> None:
+    from safehold.ids import snapshot_name
+
+    try:
+        repo.backend.delete(snapshot_name(snap.id))
+    except SafeholdError as e:
+        raise Locked(
+            f"lost the repository lock while storing snapshot {snap.id[:8]}, and could not "
+            f"withdraw it ({e}): run 'safehold check' before relying on it"
+        ) from None
+    raise Locked(
+        f"lost the repository lock while storing snapshot {snap.id[:8]}; it was withdrawn, and "
+        "what was stored is reused by the next run"
+    )
+
+
 def _choose_parent(
     repo: Repository, opts: BackupOptions, host: str, paths: list[str]
 ) -> Snapshot | None:
@@ -594,6 +619,21 @@ def _choose_parent(
         return repo.find_snapshot(opts.parent, snapshots=snaps)
     same = [s for s in filter_snapshots(snaps, host=host) if sorted(s.paths) == sorted(paths)]
     return same[-1] if same else None
+
+
+class InlineExecutor:
+    """An executor that runs each task at once in the calling thread."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:
+            fut.set_exception(e)
+        return fut
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass
 
 
 def backup(
@@ -605,13 +645,36 @@ def backup(
     stop: threading.Event | None = None,
     progress_interval: float = 0.5,
     estimate_totals: bool = False,
-    lease: Callable[[], None] | None = None,
+    lock: RepositoryLock | None = None,
 ) -> BackupResult:
     """Back up ``opts.paths`` (or ``stdin`` as ``opts.stdin_filename``) into a new snapshot.
 
-    ``lease``, when given, is called just before the snapshot is stored and raises if the
-    caller's repository lock can no longer be proven valid (then nothing is committed).
+    The backup holds a shared repository lock (it takes one unless ``lock``, a lock the caller
+    holds, is given) and reads the index only once the lock is stored, so that prune can see it
+    and wait for it. It commits only while the lock's lease is provably valid; if the lease
+    lapsed while the snapshot was being stored, the snapshot is withdrawn again (Locked).
     """
+    if opts.dry_run:
+        return _backup(repo, opts, events, stdin, stop, progress_interval, estimate_totals, None)
+    held = repo.lock() if lock is None else lock
+    try:
+        repo.reload_index()  # what the index says now that prune can see this lock
+        return _backup(repo, opts, events, stdin, stop, progress_interval, estimate_totals, held)
+    finally:
+        if lock is None:
+            held.release()
+
+
+def _backup(
+    repo: Repository,
+    opts: BackupOptions,
+    events: EventSink,
+    stdin: Readable | None,
+    stop: threading.Event | None,
+    progress_interval: float,
+    estimate_totals: bool,
+    lock: RepositoryLock | None,
+) -> BackupResult:
     started = time.time()
     stop = stop or threading.Event()
     if opts.stdin_filename is not None:
@@ -726,9 +789,13 @@ def backup(
             program=f"safehold {__version__}",
             summary=summary,
         )
-        if lease is not None:
-            lease()
+        if lock is not None:
+            lock.check()  # refuse to commit without a valid lease
         repo.save_snapshot(snap)
+        if lock is not None and not lock.held_until_now():
+            # the lease may have lapsed while the snapshot was stored: prune may have stopped
+            # waiting for this backup, so the snapshot must not stay
+            _withdraw(repo, snap)
         summary["snapshot"] = snap.id
     summary["parent"] = parent.id if parent else None
     return BackupResult(snap, summary, arch.warnings)

@@ -15,6 +15,7 @@ from safehold.events import Event, EventSink, ignore_events
 from safehold.format.snapshot import Snapshot
 from safehold.ids import snapshot_name
 from safehold.policy import Policy, PolicyResult, apply_policy
+from safehold.repository.locks import RepositoryLock
 from safehold.repository.repo import Repository, filter_snapshots
 
 
@@ -81,8 +82,24 @@ def plan_forget(
     )
 
 
-def forget(repo: Repository, plan: ForgetPlan, *, events: EventSink = ignore_events) -> list[str]:
-    """Delete the snapshot objects the plan removes; returns their ids."""
+def forget(
+    repo: Repository,
+    plan: ForgetPlan,
+    *,
+    events: EventSink = ignore_events,
+    lock: RepositoryLock | None = None,
+) -> list[str]:
+    """Delete the snapshot objects the plan removes; returns their ids. Holds a forget lock
+    (``lock``, or one it takes): backups run beside it, prune and other forgets do not."""
+    held = repo.lock(op="forget") if lock is None else lock
+    try:
+        return _forget(repo, plan, events)
+    finally:
+        if lock is None:
+            held.release()
+
+
+def _forget(repo: Repository, plan: ForgetPlan, events: EventSink) -> list[str]:
     removed = []
     for s in plan.remove:
         try:

@@ -1,49 +1,86 @@
 """Prune: free the data no snapshot references, safely beside running backups.
 
-Two phases with a grace period (docs/format.md, "Prune"):
+Two phases (docs/format.md §15.2):
 
 1. **Plan and condemn** (:func:`plan_prune`, then :func:`execute_prune`). Find the blobs every
    snapshot references; condemn packs that hold none of them; repack partly used packs (their
    live blobs copied into new packs) until the unused share is within ``max_unused``. Store a new
-   index object listing every pack that stays, superseding all index objects read, then a plan
-   object naming the condemned packs, and record the other clients' locks at that moment. From
-   then on, readers still find condemned packs (through the superseded index objects) but no
-   writer deduplicates against them.
-2. **Delete** (:func:`finish_plans`, run by every prune before it plans). A plan is due once its
-   grace period has passed and no lock remains that was taken before its deadline. Then it checks
-   again: an index object that appeared since the plan and lists a condemned pack, or a snapshot
-   that appeared since and uses a blob found only in condemned packs, takes those packs off the
-   plan (indexed anew). Only then are the packs deleted, then the superseded index objects, then
-   the plan object. A kill at any point leaves a repository that checks clean; the next prune
-   finishes the work.
+   index object listing every pack that stays (claiming to supersede every index object read),
+   list the other clients' locks, then store the plan object: the authority that makes the
+   supersession real. Nothing is deleted in this phase.
+2. **Delete** (:func:`finish_plans`). A plan is due once every lock it recorded is gone (and,
+   where listings may lag, a grace period has passed). Deletion never trusts the plan's word: from
+   the index objects, plans and snapshots present *now*, prune re-derives that each condemned
+   pack is unreferenced: no index object other than those the plan supersedes lists it, and every
+   blob in it (read from the pack's own header) that a present snapshot uses is held by a pack
+   that stays, as that pack's own header confirms. Packs that fail either test are kept (indexed
+   anew if needed). Then the packs are deleted, then the superseded index objects that list
+   nothing still needed, then the plan. A kill at any point leaves a repository that checks
+   clean; the next prune finishes the work.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from safehold.backends.base import Backend
 from safehold.compress import Compression
 from safehold.errors import BackendError, NotFound, SafeholdError, UsageError
 from safehold.events import Event, EventSink, ignore_events
 from safehold.format.index import IndexedPack, IndexFile
 from safehold.format.plan import PlanFile
 from safehold.format.snapshot import Snapshot
-from safehold.ids import BlobType, index_name, name_to_id, pack_name, plan_name, storage_id
-from safehold.repository.locks import RepositoryLock, list_locks
+from safehold.ids import BlobType, index_name, is_hex_id, pack_name, plan_name, storage_id
+from safehold.repository.locks import LockInfo, RepositoryLock, list_locks
 from safehold.repository.objects import Kind, meta_object
 from safehold.repository.repo import Repository
 
 DEFAULT_GRACE_S = 600.0
-"""Twice the lock lease: a backup that read the old index has finished or lost its lease."""
+"""Where listings may lag: twice the lock lease, far longer than any listing lags."""
+TEMPORARY_AGE_S = 86400.0
+"""Temporaries of interrupted stores older than this are removed."""
+
+
+_CONSISTENT = frozenset(
+    {
+        "safehold.backends.local.LocalBackend",
+        "safehold.backends.memory.MemoryBackend",
+        "safehold.backends.sftp.SFTPBackend",
+        "safehold.backends.s3.S3Backend",
+        "safehold.backends.remote.RemoteBackend",
+    }
+)
+"""Backends whose listing shows every object stored before it began: a local disk, SFTP and
+``safehold serve`` (one file system), S3 (strongly consistent listings). rclone remotes may lag."""
+
+
+def listings_consistent(backend: Backend) -> bool:
+    """Whether the backend (through any wrappers) lists consistently. Where it may not, prune
+    waits a grace period as well as for the locks."""
+    seen: set[int] = set()
+    b: object = backend
+    while id(b) not in seen:
+        seen.add(id(b))
+        flag = b.__dict__.get("consistent_listing") if hasattr(b, "__dict__") else None
+        if flag is None:
+            flag = getattr(type(b), "consistent_listing", None)
+        if isinstance(flag, bool):
+            return flag
+        if f"{type(b).__module__}.{type(b).__qualname__}" in _CONSISTENT:
+            return True
+        inner = getattr(b, "inner", None) or getattr(b, "_inner", None)
+        if inner is None:
+            return False
+        b = inner
+    return False
 
 
 @dataclass
 class PruneOptions:
     max_unused: float = 0.05  # the share of unused bytes (of used bytes) left in place
     dry_run: bool = False
-    grace_s: float = DEFAULT_GRACE_S
+    grace_s: float | None = None  # None: 0 where listings are consistent, else DEFAULT_GRACE_S
 
 
 @dataclass
@@ -51,25 +88,37 @@ class PrunePlan:
     referenced: set[bytes]
     keep: list[IndexedPack]
     repack: list[IndexedPack]
-    condemn: list[str]  # pack ids: unreferenced packs, and those to repack (after repacking)
-    unindexed: list[str]  # packs in storage that no live index lists
+    condemn: list[str]  # pack ids condemned now: unreferenced packs, and those to repack
+    unindexed: list[str]  # packs in storage that no live index lists (and no plan condemns)
     superseded: list[str]  # index ids the new index replaces
     snapshots: list[str]
     stats: dict[str, int] = field(default_factory=dict)
     missing: list[bytes] = field(default_factory=list)  # referenced blobs no pack holds
     used_in: dict[bytes, bytes] = field(default_factory=dict)  # blob -> the pack it is kept in
+    revived: list[IndexedPack] = field(default_factory=list)  # condemned earlier, used again
+    stray: list[str] = field(default_factory=list)  # names under data/ that are not packs
+    unreadable: dict[str, str] = field(default_factory=dict)  # plans that cannot be read
 
 
 @dataclass
 class PruneResult:
     plan_id: str | None = None
+    condemned_packs: int = 0
+    condemned_bytes: int = 0
     repacked_blobs: int = 0
     deleted_packs: int = 0
     deleted_bytes: int = 0
+    deleted_indexes: int = 0
     not_deleted: list[str] = field(default_factory=list)
-    plans_finished: int = 0
+    plans_finished: list[str] = field(default_factory=list)
     plans_waiting: int = 0
-    rescued_packs: int = 0
+    waiting: list[str] = field(default_factory=list)  # why each waiting plan waits
+    waiting_bytes: int = 0  # what the waiting plans will free
+    rescued_packs: int = 0  # condemned packs kept because something uses them after all
+    kept_unreadable: list[str] = field(default_factory=list)
+    temporaries_removed: list[str] = field(default_factory=list)
+    stray: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
 
 
 def parse_max_unused(text: str) -> float:
@@ -86,7 +135,7 @@ def parse_max_unused(text: str) -> float:
 
 
 def referenced_blobs(repo: Repository, snapshots: Iterable[Snapshot]) -> set[bytes]:
-    """Every tree and data blob the snapshots reach."""
+    """Every tree and data blob the snapshots reach (raises if a tree cannot be read)."""
     seen: set[bytes] = set()
     for snap in snapshots:
         stack = [snap.tree]
@@ -103,12 +152,40 @@ def referenced_blobs(repo: Repository, snapshots: Iterable[Snapshot]) -> set[byt
     return seen
 
 
+def _stored_packs(repo: Repository) -> tuple[dict[str, int], list[str]]:
+    """Packs in storage (id -> size), and names under ``data/`` that are not packs."""
+    stored: dict[str, int] = {}
+    stray: list[str] = []
+    for info in repo.backend.list("data/"):
+        parts = info.name.split("/")
+        if len(parts) == 3 and is_hex_id(parts[2]) and parts[1] == parts[2][:2]:
+            stored[parts[2]] = info.size
+        else:
+            stray.append(info.name)
+    return stored, sorted(stray)
+
+
+def _refuse_if_unreadable(repo: Repository) -> None:
+    bad = {n: e for n, e in repo.index.state.unreadable.items() if n.startswith("index/")}
+    if bad:
+        name, err = sorted(bad.items())[0]
+        raise SafeholdError(
+            f"{len(bad)} index objects cannot be read (e.g. {name}: {err}); prune changes "
+            "nothing until they are repaired (safehold repair index)"
+        )
+
+
 def plan_prune(repo: Repository, opts: PruneOptions) -> PrunePlan:
     """Decide what prune does; reads only."""
-    index = repo.reload_index()
+    # snapshots first, then the index: a backup stores its index objects before its snapshot,
+    # so every snapshot listed here has its blobs in the index loaded after
     snapshots = repo.snapshots()
+    index = repo.reload_index()
+    _refuse_if_unreadable(repo)
+    plans, _ = repo.load_plans()
     referenced = referenced_blobs(repo, snapshots)
     live = index.packs()
+    stored, stray = _stored_packs(repo)
     # a blob in several packs counts as used in one of them only: prefer the fuller pack
     used_in: dict[bytes, bytes] = {}
     order = sorted(live, key=lambda p: -sum(1 for b in p.blobs if b.id in referenced))
@@ -116,7 +193,18 @@ def plan_prune(repo: Repository, opts: PruneOptions) -> PrunePlan:
         for b in p.blobs:
             if b.id in referenced and b.id not in used_in:
                 used_in[b.id] = p.pack_id
-    keep, partial, condemn = [], [], []
+    # a blob found only in a pack an earlier plan condemned (a backup reused it while the plan
+    # waited): that pack is live again, listed by the new index
+    revived: dict[bytes, IndexedPack] = {}
+    for blob in referenced:
+        if blob not in used_in:
+            loc = index.lookup(blob)
+            if loc is not None and loc.pack_id.hex() in stored:
+                pack = index.pack(loc.pack_id)
+                if pack is not None:
+                    revived[loc.pack_id] = pack
+                    used_in[blob] = loc.pack_id
+    keep, partial, condemn = list(revived.values()), [], []
     used_total = 0
     for p in live:
         used = sum(b.length for b in p.blobs if used_in.get(b.id) == p.pack_id)
@@ -139,10 +227,9 @@ def plan_prune(repo: Repository, opts: PruneOptions) -> PrunePlan:
         else:
             repack.append(p)
             left -= unused
-    live_ids = {p.pack_id.hex() for p in live}
-    old_ids = {p.pack_id.hex() for p in index.old_packs()}  # condemned by an earlier prune
-    stored = {name_to_id(i.name): i.size for i in repo.backend.list("data/")}
-    unindexed = sorted(pid for pid in stored if pid not in live_ids)
+    live_ids = {p.pack_id.hex() for p in live} | {p.hex() for p in revived}
+    already = {c.hex() for pl in plans.values() for c in pl.condemned}
+    unindexed = sorted(pid for pid in stored if pid not in live_ids and pid not in already)
     missing = [b for b in referenced if b not in used_in]
     plan = PrunePlan(
         referenced=referenced,
@@ -154,6 +241,9 @@ def plan_prune(repo: Repository, opts: PruneOptions) -> PrunePlan:
         snapshots=[s.id for s in snapshots],
         missing=missing,
         used_in=used_in,
+        revived=list(revived.values()),
+        stray=stray,
+        unreadable=dict(index.state.unreadable),
     )
     size_of = {p.pack_id.hex(): p.size for p in live} | stored
     repacked_used = sum(b.length for p in repack for b in p.blobs if used_in.get(b.id) == p.pack_id)
@@ -165,8 +255,14 @@ def plan_prune(repo: Repository, opts: PruneOptions) -> PrunePlan:
         "packs_to_delete": len(plan.condemn) - len(repack),
         "packs_to_repack": len(repack),
         "bytes_to_repack": sum(p.size for p in repack),
-        "bytes_freed": sum(size_of.get(pid, 0) for pid in plan.condemn) - repacked_used,
-        "unindexed_packs": len([u for u in unindexed if u not in old_ids]),
+        "bytes_freed": max(
+            0, sum(size_of.get(pid, 0) for pid in plan.condemn if pid in stored) - repacked_used
+        ),
+        "bytes_condemned": sum(stored.get(pid, 0) for pid in plan.condemn),
+        "unindexed_packs": len(unindexed),
+        "packs_waiting": len(already & set(stored)),
+        "bytes_waiting": sum(stored[p] for p in already if p in stored),
+        "revived_packs": len(revived),
     }
     return plan
 
@@ -176,17 +272,18 @@ def execute_prune(
     plan: PrunePlan,
     lock: RepositoryLock,
     *,
+    grace_s: float = 0.0,
     events: EventSink = ignore_events,
 ) -> PruneResult:
-    """Phase 1: repack, write the superseding index, store the plan object. Deletes nothing."""
+    """Phase 1: repack, write the new index, store the plan object. Deletes nothing."""
     if plan.missing:
         raise SafeholdError(
             f"{len(plan.missing)} blobs that snapshots use are in no pack: run check and repair "
             "before prune (nothing was changed)"
         )
     res = PruneResult()
-    if not plan.condemn and not plan.superseded:
-        return res
+    if not plan.condemn:
+        return res  # nothing to do: no plan object
     session = repo.write_session(index_flush_packs=1 << 30, index_flush_seconds=1e9)
     for p in plan.repack:
         wanted = [b for b in p.blobs if plan.used_in.get(b.id) == p.pack_id]
@@ -194,131 +291,225 @@ def execute_prune(
             session.add_blob(BlobType(entry.type), data, Compression("auto"), entry.id, dedup=False)
             res.repacked_blobs += 1
     session.flush()
-    # one index object for every pack that stays, superseding every index object read
-    index = repo.index
+    # one index object for every pack that stays, claiming to supersede every index object read
     repacked = {p.pack_id for p in plan.repack}
     condemned = {bytes.fromhex(c) for c in plan.condemn}
-    stay = [p for p in index.packs() if p.pack_id not in condemned and p.pack_id not in repacked]
+    stay = [p for p in plan.keep if p.pack_id not in condemned and p.pack_id not in repacked]
     new_index = IndexFile(stay, [bytes.fromhex(i) for i in plan.superseded])
     new_id = repo.store_index(new_index)
     events(Event("info", f"stored index {new_id[:8]} with {len(stay)} packs"))
+    # the locks that exist once the new index is visible: the plan waits for all of them; a
+    # client that locks later lists the index after this and does not reuse condemned packs
+    others = sorted(lk.lock_id for lk in list_locks(repo.backend) if lk.lock_id != lock.lock_id)
     plan_file = PlanFile(
-        time_ns=time.time_ns(),
+        time_ns=int(repo.clock.time() * 1e9),
         condemned=sorted(condemned),
         superseded=[bytes.fromhex(i) for i in plan.superseded],
         indexes=[bytes.fromhex(i) for i in sorted(set(repo.list_ids("index/")))],
         snapshots=[bytes.fromhex(s) for s in plan.snapshots],
-    )
-    # the locks that exist once the new index is visible: the plan waits for all of them
-    plan_file.locks = sorted(
-        lk.lock_id for lk in list_locks(repo.backend) if lk.lock_id != lock.lock_id
+        locks=others,
+        grace_s=grace_s,
     )
     data = meta_object(plan_file.to_bytes(), Kind.PLAN, meta_key=repo.secrets.meta_key)
     res.plan_id = storage_id(data)
     repo.backend.store(plan_name(res.plan_id), data)
+    res.condemned_packs = len(condemned)
+    res.condemned_bytes = plan.stats.get("bytes_condemned", 0)
     events(Event("info", f"condemned {len(condemned)} packs (plan {res.plan_id[:8]})"))
     return res
 
 
-def _read_plan(repo: Repository, plan_id: str) -> PlanFile:
-    data = repo.load_verified(plan_name(plan_id))
-    return PlanFile.from_bytes(repo.open_meta(data, Kind.PLAN, plan_name(plan_id)))
+def _why_waiting(
+    plan: PlanFile, others: list[LockInfo], now: float, grace_s: float
+) -> tuple[str | None, list[LockInfo]]:
+    """Why a plan is not due yet (None if it is due), and the locks it waits for."""
+    deadline = plan.time_ns / 1e9 + grace_s
+    waiting = [lk for lk in others if lk.lock_id in plan.locks or lk.time < deadline]
+    if waiting:
+        names = ", ".join(f"{lk.user}@{lk.host} pid {lk.pid}" for lk in waiting[:3])
+        return f"waits for {len(waiting)} clients that may still use its packs ({names})", waiting
+    if now < deadline:
+        return f"waits {deadline - now:.0f}s more (grace period)", []
+    return None, []
 
 
 def finish_plans(
     repo: Repository,
     lock: RepositoryLock,
     *,
-    grace_s: float = DEFAULT_GRACE_S,
-    now: float | None = None,
+    grace_s: float = 0.0,
     events: EventSink = ignore_events,
 ) -> PruneResult:
-    """Phase 2: delete what due plans condemned, after checking nothing came to need it."""
+    """Phase 2: delete what due plans condemned, after re-deriving that nothing needs it."""
     res = PruneResult()
-    for plan_id in repo.list_ids("plans/"):
-        try:
-            plan = _read_plan(repo, plan_id)
-        except NotFound:
-            continue
-        t = time.time() if now is None else now
-        deadline = plan.time_ns / 1e9 + grace_s
+    plans, bad = repo.load_plans()
+    for name, err in sorted(bad.items()):
+        res.unreadable.append(f"{name}: {err}")
+        events(Event("warning", f"{name} cannot be read and is ignored: {err}"))
+    for plan_id, plan in sorted(plans.items(), key=lambda kv: kv[1].time_ns):
+        now = repo.clock.time()
         others = [
-            lk for lk in list_locks(repo.backend) if lk.lock_id != lock.lock_id and not lk.stale()
+            lk
+            for lk in list_locks(repo.backend)
+            if lk.lock_id != lock.lock_id and not lk.stale(now)
         ]
-        waiting = [lk for lk in others if lk.lock_id in plan.locks or lk.time < deadline]
-        if t < deadline or waiting:
+        why, _ = _why_waiting(plan, others, now, grace_s)
+        if why is not None:
             res.plans_waiting += 1
-            why = f"{len(waiting)} locks" if waiting else f"{deadline - t:.0f}s of grace"
-            events(Event("info", f"plan {plan_id[:8]} waits ({why})"))
+            res.waiting.append(f"plan {plan_id[:8]} {why}")
+            events(Event("info", f"plan {plan_id[:8]} {why}"))
             continue
         _finish(repo, plan_id, plan, res, events)
-        res.plans_finished += 1
+    if res.plans_waiting:
+        stored, _ = _stored_packs(repo)
+        plans_now, _ = repo.load_plans()
+        res.waiting_bytes = sum(
+            stored.get(c.hex(), 0) for p in plans_now.values() for c in set(p.condemned)
+        )
     return res
 
 
 def _finish(
     repo: Repository, plan_id: str, plan: PlanFile, res: PruneResult, events: EventSink
 ) -> None:
-    condemned = {c.hex() for c in plan.condemned}
+    """Carry out one due plan, deleting only what is provably unreferenced now."""
+    # everything is listed afresh, after the plan was found due: snapshots first, then the
+    # index objects (stored before any snapshot that needs them), then the plans and the packs
+    snapshots = repo.snapshots()
     index = repo.reload_index()
-    # 1. an index object that appeared since lists a condemned pack: it is live again
-    known = {i.hex() for i in plan.indexes}
-    for iid in repo.list_ids("index/"):
-        if iid not in known:
-            for p in repo.read_index_file(iid, use_cache=False).packs:
-                condemned.discard(p.pack_id.hex())
-    # 2. a snapshot that appeared since uses a blob found only in condemned packs: keep those
-    # packs, and index them again so that they stay findable
-    known_snaps = {s.hex() for s in plan.snapshots}
-    new_snaps = [repo.load_snapshot(s) for s in repo.list_ids("snapshots/") if s not in known_snaps]
-    rescue: dict[bytes, IndexedPack] = {}
-    if new_snaps:
-        # the condemned packs' contents, from the packs themselves (index objects that listed
-        # them may be gone already), so that the new snapshots' trees can be walked
-        in_condemned: dict[bytes, IndexedPack] = {}
-        for pid in sorted(condemned):
+    _refuse_if_unreadable(repo)
+    files: dict[str, IndexFile] = {}
+    for iid in sorted(index.state.index_ids):
+        try:
+            files[iid] = repo.read_index_file(iid)
+        except NotFound:
+            continue
+    plans, _ = repo.load_plans()
+    referenced = referenced_blobs(repo, snapshots)
+    stored, _ = _stored_packs(repo)
+    superseded = {s.hex() for s in plan.superseded}
+    condemned = {c.hex() for c in plan.condemned}
+    doomed = {c.hex() for p in plans.values() for c in p.condemned} | condemned
+
+    # (a) a pack listed by an index object this plan does not supersede is live: keep it
+    protected: set[str] = set()
+    holders: dict[bytes, list[str]] = {}
+    for iid, f in files.items():
+        for p in f.packs:
+            pid = p.pack_id.hex()
+            if iid not in superseded:
+                protected.add(pid)
+            for b in p.blobs:
+                holders.setdefault(b.id, []).append(pid)
+    candidates = sorted(c for c in condemned if c in stored and c not in protected)
+
+    # (b) a pack holding a blob that a present snapshot uses, which no pack that stays holds
+    # (by that pack's own header), is kept
+    headers: dict[str, IndexedPack | None] = {}
+
+    def header(pid: str) -> IndexedPack | None:
+        if pid not in headers:
             try:
-                pack = repo.read_pack_index(pid)
-            except NotFound:
+                headers[pid] = repo.read_pack_index(pid)
+            except SafeholdError:
+                headers[pid] = None
+        return headers[pid]
+
+    keep: set[str] = set()
+    for pid in candidates:
+        if header(pid) is None:
+            keep.add(pid)
+            res.kept_unreadable.append(pid)
+            events(Event("warning", f"condemned pack {pid[:16]} cannot be read: kept"))
+    verified: dict[bytes, bool] = {}
+    for pid in candidates:
+        hp = headers.get(pid)
+        if hp is None:
+            continue
+        for e in hp.blobs:
+            if e.id not in referenced:
                 continue
-            index.add_pack(pack, live=False)
-            for e in pack.blobs:
-                in_condemned.setdefault(e.id, pack)
-        for blob in referenced_blobs(repo, new_snaps):
-            if blob not in index and blob in in_condemned:
-                pack = in_condemned[blob]
-                rescue[pack.pack_id] = pack
+            if e.id not in verified:
+                verified[e.id] = any(
+                    h not in doomed
+                    and h in stored
+                    and (hh := header(h)) is not None
+                    and any(x.id == e.id for x in hh.blobs)
+                    for h in holders.get(e.id, [])
+                )
+            if not verified[e.id]:
+                keep.add(pid)
+                break
+    # kept packs that no live index object lists are indexed anew, so that they stay findable
+    rescue = [hp for pid in sorted(keep) if (hp := headers.get(pid)) is not None]
     if rescue:
-        repo.store_index(IndexFile(list(rescue.values())))
-        for rescued in rescue:
-            condemned.discard(rescued.hex())
+        repo.store_index(IndexFile(rescue))
+        protected |= {p.pack_id.hex() for p in rescue}
         res.rescued_packs += len(rescue)
-        events(Event("info", f"kept {len(rescue)} condemned packs that a new snapshot uses"))
-    # 3. delete: packs, then the superseded index objects, then the plan
-    for pid in sorted(condemned):
+        events(Event("info", f"kept {len(rescue)} condemned packs that snapshots use"))
+
+    # delete: packs, then the superseded index objects that list nothing still needed, then
+    # the plan
+    incomplete = bool(keep - protected)
+    for pid in candidates:
+        if pid in keep:
+            continue
         name = pack_name(pid)
         try:
-            size = repo.backend.stat(name).size
             repo.backend.delete(name)
             res.deleted_packs += 1
-            res.deleted_bytes += size
+            res.deleted_bytes += stored[pid]
+            del stored[pid]
         except NotFound:
-            pass
+            stored.pop(pid, None)
         except BackendError as e:
             res.not_deleted.append(f"{name}: {e}")
-    for old in plan.superseded:
+            incomplete = True
+    for old in sorted(superseded & set(files)):
+        needed = [
+            p.pack_id.hex()
+            for p in files[old].packs
+            if p.pack_id.hex() in stored and p.pack_id.hex() not in protected
+        ]
+        if needed:
+            incomplete = True
+            continue
         try:
-            repo.backend.delete(index_name(old.hex()))
+            repo.backend.delete(index_name(old))
+            res.deleted_indexes += 1
         except NotFound:
             pass
         except BackendError as e:
-            res.not_deleted.append(f"{index_name(old.hex())}: {e}")
-    if not res.not_deleted:
+            res.not_deleted.append(f"{index_name(old)}: {e}")
+            incomplete = True
+    if not incomplete:
         try:
             repo.backend.delete(plan_name(plan_id))
-        except (NotFound, BackendError) as e:
+            res.plans_finished.append(plan_id)
+        except NotFound:
+            res.plans_finished.append(plan_id)
+        except BackendError as e:
             res.not_deleted.append(f"{plan_name(plan_id)}: {e}")
     events(Event("info", f"plan {plan_id[:8]}: deleted {res.deleted_packs} packs"))
+
+
+def _clean_temporaries(repo: Repository, res: PruneResult, events: EventSink) -> None:
+    try:
+        from safehold.backends import base
+
+        clean = getattr(base, "clean_temporaries", None)
+        if clean is not None:
+            res.temporaries_removed = list(clean(repo.backend, TEMPORARY_AGE_S))
+    except SafeholdError as e:
+        events(Event("warning", f"could not remove old temporary files: {e}"))
+    if res.temporaries_removed:
+        events(
+            Event(
+                "info",
+                f"removed {len(res.temporaries_removed)} temporary files left by interrupted "
+                "stores",
+            )
+        )
 
 
 def prune(
@@ -334,16 +525,28 @@ def prune(
     not given)."""
     own = lock is None
     held = repo.lock(op="prune") if lock is None else lock
+    grace = opts.grace_s
+    if grace is None:
+        grace = 0.0 if listings_consistent(repo.backend) else DEFAULT_GRACE_S
     try:
         total = PruneResult()
         if not opts.dry_run:
-            _merge(total, finish_plans(repo, held, grace_s=opts.grace_s, events=events))
+            _merge(total, finish_plans(repo, held, grace_s=grace, events=events))
         plan = plan_prune(repo, opts)
+        total.stray = plan.stray
+        for name in plan.stray:
+            events(Event("warning", f"{name} is not a pack (left alone)"))
         if opts.dry_run:
             return plan, total
-        res = execute_prune(repo, plan, held, events=events)
+        res = execute_prune(repo, plan, held, grace_s=grace, events=events)
         total.plan_id, total.repacked_blobs = res.plan_id, res.repacked_blobs
-        _merge(total, finish_plans(repo, held, grace_s=opts.grace_s, events=events))
+        total.condemned_packs, total.condemned_bytes = res.condemned_packs, res.condemned_bytes
+        later = finish_plans(repo, held, grace_s=grace, events=events)
+        _merge(total, later)
+        total.plans_waiting, total.waiting = later.plans_waiting, later.waiting
+        total.waiting_bytes = later.waiting_bytes
+        total.unreadable = later.unreadable
+        _clean_temporaries(repo, total, events)
         return plan, total
     finally:
         if own:
@@ -353,7 +556,8 @@ def prune(
 def _merge(into: PruneResult, other: PruneResult) -> None:
     into.deleted_packs += other.deleted_packs
     into.deleted_bytes += other.deleted_bytes
+    into.deleted_indexes += other.deleted_indexes
     into.not_deleted += other.not_deleted
     into.plans_finished += other.plans_finished
-    into.plans_waiting = other.plans_waiting
     into.rescued_packs += other.rescued_packs
+    into.kept_unreadable += other.kept_unreadable

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from safehold.format.index import IndexedPack
 from safehold.format.pack import PackEntry
@@ -15,12 +15,31 @@ class BlobLocation:
     entry: PackEntry
 
 
+@dataclass(slots=True)
+class IndexState:
+    """Which index objects are present and which of them are superseded (docs/format.md §15.2).
+
+    ``superseded`` is authoritative: the index objects that a present prune plan replaces; their
+    packs are condemned or listed again by the plan's new index. ``claimed`` adds the index
+    objects that any present index object merely *claims* to supersede (a prune's new index is
+    stored before its plan; anyone could forge a claim): writers do not deduplicate against packs
+    known only from those, which costs at most an upload again and never loses data."""
+
+    index_ids: set[str] = field(default_factory=set)
+    superseded: set[str] = field(default_factory=set)
+    claimed: set[str] = field(default_factory=set)
+    plans: set[str] = field(default_factory=set)
+    unreadable: dict[str, str] = field(default_factory=dict)  # index or plan name -> error
+
+
 class MasterIndex:
     """Blob id → location, pack id → (size, sealed key). Thread-safe for concurrent adds.
 
-    Packs listed only by superseded index objects (prune replaced them; the packs may be about to
-    be deleted) are kept apart: they can still be read, but a writer never deduplicates against
-    them (``in`` says no), and they are not among :meth:`packs`.
+    *Live* packs are listed by an index object that no present plan supersedes; packs listed only
+    by superseded index objects (prune condemned or replaced them; they may be about to be
+    deleted) are *old*: they can still be read, but they are not among :meth:`packs`. A writer
+    deduplicates only against live packs that no present index object claims to supersede
+    (``in``); :meth:`lookup` finds a blob wherever it is.
     """
 
     def __init__(self) -> None:
@@ -28,27 +47,51 @@ class MasterIndex:
         self._packs: dict[bytes, IndexedPack] = {}
         self._old_blobs: dict[bytes, BlobLocation] = {}
         self._old_packs: dict[bytes, IndexedPack] = {}
-        self.index_ids: set[str] = set()
-        self.superseded: set[str] = set()
+        self._no_dedup: set[bytes] = set()  # live packs a writer must not reuse
+        self.state = IndexState()
         self._lock = threading.Lock()
 
-    def add_pack(self, pack: IndexedPack, *, live: bool = True) -> None:
+    @property
+    def index_ids(self) -> set[str]:
+        return self.state.index_ids
+
+    @property
+    def superseded(self) -> set[str]:
+        return self.state.superseded
+
+    def add_pack(self, pack: IndexedPack, *, live: bool = True, dedup: bool = True) -> None:
         with self._lock:
-            packs, blobs = (
-                (self._packs, self._blobs) if live else (self._old_packs, self._old_blobs)
-            )
-            if not live and pack.pack_id in self._packs:
+            if not live:
+                if pack.pack_id in self._packs:
+                    return
+                self._old_packs[pack.pack_id] = pack
+                for e in pack.blobs:
+                    if e.id not in self._old_blobs:
+                        self._old_blobs[e.id] = BlobLocation(pack.pack_id, e)
                 return
-            packs[pack.pack_id] = pack
+            if dedup:
+                self._no_dedup.discard(pack.pack_id)
+            elif pack.pack_id not in self._packs:
+                self._no_dedup.add(pack.pack_id)
+            self._packs[pack.pack_id] = pack
+            self._old_packs.pop(pack.pack_id, None)
             for e in pack.blobs:
-                if e.id not in blobs:
-                    blobs[e.id] = BlobLocation(pack.pack_id, e)
+                loc = self._blobs.get(e.id)
+                # prefer a location a writer may reuse
+                if loc is None or (dedup and loc.pack_id in self._no_dedup):
+                    self._blobs[e.id] = BlobLocation(pack.pack_id, e)
 
     def lookup(self, blob_id: bytes) -> BlobLocation | None:
         loc = self._blobs.get(blob_id)
         return loc if loc is not None else self._old_blobs.get(blob_id)
 
     def __contains__(self, blob_id: bytes) -> bool:
+        """Whether a writer may reuse the stored blob instead of storing it again."""
+        loc = self._blobs.get(blob_id)
+        return loc is not None and loc.pack_id not in self._no_dedup
+
+    def is_live(self, blob_id: bytes) -> bool:
+        """Whether the blob is in a live pack (check, prune, repair)."""
         return blob_id in self._blobs
 
     def pack(self, pack_id: bytes) -> IndexedPack | None:

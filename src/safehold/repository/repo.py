@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from safehold import crypto
 from safehold.backends.base import Backend
 from safehold.chunker import Chunker, ChunkerParams
+from safehold.clock import REAL_CLOCK, Clock
 from safehold.compress import Compression, decompress
 from safehold.errors import (
     AmbiguousSnapshot,
@@ -32,6 +33,7 @@ from safehold.format.config import Config, config_header, split_config
 from safehold.format.index import IndexedPack, IndexFile
 from safehold.format.keyfile import Secrets
 from safehold.format.pack import HEADER_NONCE, PACK_PREFIX_LEN, PackEntry, header_from_bytes
+from safehold.format.plan import PlanFile
 from safehold.format.snapshot import Snapshot
 from safehold.format.tree import Node, tree_from_bytes
 from safehold.ids import (
@@ -42,11 +44,12 @@ from safehold.ids import (
     key_name,
     name_to_id,
     pack_name,
+    plan_name,
     snapshot_name,
     storage_id,
 )
 from safehold.repository.cache import Cache
-from safehold.repository.index import MasterIndex
+from safehold.repository.index import IndexState, MasterIndex
 from safehold.repository.keys import key_info, make_key_file, try_key_file
 from safehold.repository.locks import RepositoryLock
 from safehold.repository.objects import Kind, meta_object, open_object, seal_object
@@ -100,6 +103,8 @@ class Repository:
         self._tree_cache: collections.OrderedDict[bytes, list[Node]] = collections.OrderedDict()
         self._tree_lock = threading.Lock()
         self.lock_retry_s = 0.0  # how long lock() waits for other clients' locks
+        self.clock: Clock = REAL_CLOCK
+        self.threads = 4  # parallel reads of index objects and snapshots; 1: none (simulation)
         self.chunker_params = ChunkerParams(
             config.chunk_avg, config.chunk_min, config.chunk_max, config.chunk_normalization
         )
@@ -243,23 +248,70 @@ class Repository:
         data = self.load_verified(name, use_cache=use_cache)
         return IndexFile.from_bytes(self.open_meta(data, Kind.INDEX, name))
 
+    def _map(self, fn: Any, items: list[str]) -> list[Any]:
+        if self.threads <= 1 or len(items) <= 1:
+            return [fn(i) for i in items]
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            return list(pool.map(fn, items))
+
+    def read_plan(self, plan_id: str) -> PlanFile:
+        name = plan_name(plan_id)
+        data = self.load_verified(name)
+        return PlanFile.from_bytes(self.open_meta(data, Kind.PLAN, name))
+
+    def load_plans(self) -> tuple[dict[str, PlanFile], dict[str, str]]:
+        """The prune plans present, and the names of those that cannot be read (with why).
+        A plan that cannot be read is never acted on."""
+        plans: dict[str, PlanFile] = {}
+        bad: dict[str, str] = {}
+        for pid in self.list_ids("plans/"):
+            try:
+                plans[pid] = self.read_plan(pid)
+            except NotFound:
+                continue
+            except SafeholdError as e:
+                bad[plan_name(pid)] = str(e)
+        return plans, bad
+
+    def _read_index_or_error(self, index_id: str) -> IndexFile | SafeholdError | None:
+        try:
+            return self.read_index_file(index_id)
+        except NotFound:
+            return None  # deleted since it was listed
+        except SafeholdError as e:
+            return e
+
     def _load_index(self) -> MasterIndex:
         ids = self.list_ids("index/")
+        plans, bad_plans = self.load_plans()
         index = MasterIndex()
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            files = dict(zip(ids, pool.map(self.read_index_file, ids)))
-        # an index object that a present index object supersedes lists packs that prune has
-        # replaced: readable, but not live
-        superseded = {s.hex() for f in files.values() for s in f.supersedes} & set(files)
-        for index_id, idx in files.items():
-            if index_id not in superseded:
-                for p in idx.packs:
-                    index.add_pack(p)
-        for index_id in superseded:
+        state = IndexState(unreadable=dict(bad_plans), plans=set(plans))
+        files: dict[str, IndexFile] = {}
+        for index_id, got in zip(ids, self._map(self._read_index_or_error, ids)):
+            if isinstance(got, IndexFile):
+                files[index_id] = got
+            elif got is not None:
+                state.unreadable[index_name(index_id)] = str(got)
+        present = set(files)
+        # superseded (authoritative): what a present plan replaces; claimed: what any present
+        # index object says it supersedes (writers do not deduplicate against those)
+        state.superseded = {s.hex() for p in plans.values() for s in p.superseded} & present
+        state.claimed = state.superseded | (
+            {s.hex() for f in files.values() for s in f.supersedes} & present
+        )
+        state.index_ids = present
+        live_ok = [i for i in present if i not in state.claimed]
+        live_claimed = [i for i in present if i in state.claimed and i not in state.superseded]
+        for index_id in sorted(live_ok):
+            for p in files[index_id].packs:
+                index.add_pack(p)
+        for index_id in sorted(live_claimed):
+            for p in files[index_id].packs:
+                index.add_pack(p, dedup=False)
+        for index_id in sorted(state.superseded):
             for p in files[index_id].packs:
                 index.add_pack(p, live=False)
-        index.index_ids = set(ids)
-        index.superseded = superseded
+        index.state = state
         if self.cache is not None:
             self.cache.forget_missing("index", set(ids))
         return index
@@ -408,11 +460,17 @@ class Repository:
         plain = self.open_meta(data, Kind.SNAPSHOT, name)
         return Snapshot.from_bytes(plain, snapshot_id)
 
+    def _load_snapshot_if_present(self, snapshot_id: str) -> Snapshot | None:
+        try:
+            return self.load_snapshot(snapshot_id)
+        except NotFound:
+            return None  # forgotten since it was listed
+
     def snapshots(self) -> list[Snapshot]:
         """Every snapshot, oldest first."""
         ids = self.list_ids("snapshots/")
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            snaps = list(pool.map(self.load_snapshot, ids))
+        snaps = self._map(self._load_snapshot_if_present, ids)
+        snaps = [s for s in snaps if s is not None]
         if self.cache is not None:
             self.cache.forget_missing("snapshots", set(ids))
         snaps.sort(key=lambda s: (s.time_ns, s.id))
@@ -471,7 +529,7 @@ class Repository:
         self, *, exclusive: bool = False, op: str = "", retry_s: float | None = None
     ) -> RepositoryLock:
         """Take a lock; wait up to ``retry_s`` seconds (default: ``self.lock_retry_s``)."""
-        lock = RepositoryLock(self.backend, exclusive, op)
+        lock = RepositoryLock(self.backend, exclusive, op, self.clock)
         lock.acquire(self.lock_retry_s if retry_s is None else retry_s)
         return lock
 
