@@ -1,0 +1,155 @@
+"""Issue 7's items, each as a test that failed before its fix: forget beside a running backup, a
+suspend past the lease, a forged plan, a stray file, and a run with nothing to do."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from safehold.errors import Locked
+from safehold.format.plan import PlanFile
+from safehold.ids import plan_name, storage_id
+from safehold.ops.backup import BackupOptions, backup
+from safehold.ops.check import CheckOptions, check
+from safehold.ops.forget import ForgetOptions, forget, plan_forget
+from safehold.ops.prune import PruneOptions, prune
+from safehold.repository.locks import LEASE_SECONDS
+from safehold.repository.objects import Kind, meta_object
+from safehold.repository.repo import Repository
+from tests.conftest import PASSWORD
+from tests.test_concurrency import PausableBackend
+
+
+def _src(tmp_path: Path, name: str, size: int = 200_000) -> Path:
+    src = tmp_path / name
+    src.mkdir()
+    (src / "f.bin").write_bytes(os.urandom(size))
+    return src
+
+
+def test_forget_runs_beside_a_backup(repo: Repository, tmp_path: Path) -> None:
+    """forget held an exclusive lock: a backup started while it ran failed ("repository is
+    locked"). Now it takes a shared forget lock, and both succeed."""
+    a = _src(tmp_path, "a")
+    old = backup(repo, BackupOptions(paths=[str(a)])).snapshot
+    assert old is not None
+    pausable = PausableBackend(repo.backend)
+    other = Repository.open(pausable, PASSWORD.encode())  # type: ignore[arg-type]
+    b = _src(tmp_path, "b")
+    result: dict[str, object] = {}
+    t = threading.Thread(
+        target=lambda: result.update(r=backup(other, BackupOptions(paths=[str(b)])))
+    )
+    t.start()
+    assert pausable.waiting.acquire(timeout=60)  # the backup holds its lock, about to commit
+    forget(repo, plan_forget(repo, ForgetOptions(snapshots=[old.id])))  # not refused
+    pausable.release.set()
+    t.join(60)
+    assert "r" in result
+    assert [s.id for s in repo.snapshots()] == [result["r"].snapshot.id]  # type: ignore[attr-defined]
+    # but two maintenance operations exclude each other
+    held = repo.lock(op="forget")
+    try:
+        with pytest.raises(Locked):
+            prune(repo, PruneOptions())
+        with pytest.raises(Locked):
+            repo.lock(op="forget")
+    finally:
+        held.release()
+
+
+def test_suspend_past_the_lease_commits_nothing(repo: Repository, tmp_path: Path) -> None:
+    """The lease was aged with time.monotonic(), which stops during suspend, and a late refresh
+    forgot the lapse. Now a refresh after a gap longer than the lease loses the lock for good."""
+    src = _src(tmp_path, "s")
+    lock = repo.lock()
+    try:
+        # as after a suspend: the wall clock and the boot clock moved on, nothing refreshed
+        lock.refreshed_wall -= LEASE_SECONDS + 60
+        lock.refreshed_elapsed -= LEASE_SECONDS + 60
+        lock.refresh()  # the timer fires on resume and writes the lock again...
+        assert lock.age() < 5
+        with pytest.raises(Locked, match="lost the repository lock"):  # ...but it is lost
+            backup(repo, BackupOptions(paths=[str(src)]), lock=lock)
+        assert repo.snapshots() == []
+    finally:
+        lock.release()
+    assert backup(repo, BackupOptions(paths=[str(src)])).snapshot is not None
+
+
+def test_snapshot_stored_after_the_lease_lapsed_is_withdrawn(
+    repo: Repository, tmp_path: Path
+) -> None:
+    src = _src(tmp_path, "s")
+    lock = repo.lock()
+    real_save = repo.save_snapshot
+
+    def slow_save(snap):  # type: ignore[no-untyped-def]
+        sid = real_save(snap)
+        lock.refreshed_wall -= LEASE_SECONDS  # the store took longer than the lease
+        return sid
+
+    repo.save_snapshot = slow_save  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Locked, match="withdrawn"):
+            backup(repo, BackupOptions(paths=[str(src)]), lock=lock)
+    finally:
+        lock.release()
+    assert repo.snapshots() == []
+
+
+def test_forged_plan_deletes_nothing_in_use(repo: Repository, tmp_path: Path) -> None:
+    """A plan condemning every pack and every index object, due at once (as a key holder could
+    plant on storage without serve's restrictions): deletion re-derives and keeps everything
+    that snapshots use, so every snapshot still checks and restores."""
+    src = _src(tmp_path, "s", 500_000)
+    backup(repo, BackupOptions(paths=[str(src)]))
+    (src / "g.bin").write_bytes(os.urandom(300_000))
+    backup(repo, BackupOptions(paths=[str(src)]))
+    packs = [bytes.fromhex(i.name.rsplit("/", 1)[1]) for i in repo.backend.list("data/")]
+    indexes = [bytes.fromhex(i) for i in repo.list_ids("index/")]
+    forged = PlanFile(time_ns=0, condemned=packs, superseded=indexes)
+    data = meta_object(forged.to_bytes(), Kind.PLAN, meta_key=repo.secrets.meta_key)
+    repo.backend.store(plan_name(storage_id(data)), data)
+    _, res = prune(repo, PruneOptions(max_unused=1.0))
+    assert res.deleted_packs == 0
+    fresh = Repository.open(repo.backend, PASSWORD.encode())
+    assert check(fresh, CheckOptions(read_data=True)).ok
+    assert len(fresh.snapshots()) == 2
+
+
+def test_garbage_plan_is_named_and_ignored(repo: Repository, tmp_path: Path) -> None:
+    backup(repo, BackupOptions(paths=[str(_src(tmp_path, "s"))]))
+    repo.backend.store(plan_name("ab" * 32), b"garbage, not a plan")
+    _, res = prune(repo, PruneOptions())
+    assert any("plans/" + "ab" * 32 in u for u in res.unreadable)
+    assert res.deleted_packs == 0
+    res2 = check(Repository.open(repo.backend, PASSWORD.encode()), CheckOptions(read_data=True))
+    assert res2.errors and all("ab" * 8 in e for e in res2.errors), res2.errors
+
+
+def test_stray_file_in_data_is_reported_not_a_crash(repo: Repository, tmp_path: Path) -> None:
+    src = _src(tmp_path, "s")
+    first = backup(repo, BackupOptions(paths=[str(src)])).snapshot
+    assert first is not None
+    stray = Path(repo.backend.location) / "data" / "ab" / "README"
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_text("not a pack")
+    (src / "f.bin").write_bytes(os.urandom(100_000))
+    backup(repo, BackupOptions(paths=[str(src)]))
+    forget(repo, plan_forget(repo, ForgetOptions(snapshots=[first.id])))
+    _, res = prune(repo, PruneOptions(max_unused=0.0))
+    assert res.stray == ["data/ab/README"] and res.deleted_packs > 0
+    assert stray.exists()
+
+
+def test_nothing_to_do_stores_no_plan(repo: Repository, tmp_path: Path) -> None:
+    backup(repo, BackupOptions(paths=[str(_src(tmp_path, "s"))]))
+    before = sorted(i.name for i in repo.backend.list(""))
+    _, res = prune(repo, PruneOptions())
+    assert res.plan_id is None
+    after = sorted(i.name for i in repo.backend.list(""))
+    assert before == after
