@@ -153,3 +153,49 @@ def test_nothing_to_do_stores_no_plan(repo: Repository, tmp_path: Path) -> None:
     assert res.plan_id is None
     after = sorted(i.name for i in repo.backend.list(""))
     assert before == after
+
+
+def test_no_commit_without_a_refresh_period_to_spare(repo: Repository, tmp_path: Path) -> None:
+    """A lease still valid but with less than a refresh period left: the snapshot is not even
+    stored (the check before committing, not the withdrawal after it, refuses)."""
+    from safehold.repository.locks import COMMIT_MARGIN
+
+    src = _src(tmp_path, "s")
+    lock = repo.lock()
+    stored: list[str] = []
+    real_save = repo.save_snapshot
+    repo.save_snapshot = lambda snap: stored.append("x") or real_save(snap)  # type: ignore[method-assign,func-returns-value]
+    try:
+        lock.refreshed_wall -= COMMIT_MARGIN + 10
+        lock.refreshed_elapsed -= COMMIT_MARGIN + 10
+        with pytest.raises(Locked, match="nothing was committed"):
+            backup(repo, BackupOptions(paths=[str(src)]), lock=lock)
+    finally:
+        lock.release()
+    assert stored == []
+
+
+def test_plan_waits_for_the_locks_it_saw_even_with_a_clock_ahead(
+    repo: Repository, tmp_path: Path
+) -> None:
+    """A client whose clock runs ahead writes a lock time later than the plan's: the plan still
+    waits for it, because the lock was listed when the plan was made."""
+    from safehold.clock import Clock
+
+    class Ahead(Clock):
+        def time(self) -> float:
+            return super().time() + 3600
+
+    old = backup(repo, BackupOptions(paths=[str(_src(tmp_path, "s"))])).snapshot
+    assert old is not None
+    forget(repo, plan_forget(repo, ForgetOptions(snapshots=[old.id])))
+    other = Repository.open(repo.backend, PASSWORD.encode())
+    other.clock = Ahead()
+    lock = other.lock()
+    try:
+        _, res = prune(repo, PruneOptions(max_unused=0.0, grace_s=0))
+        assert res.plan_id is not None and res.plans_waiting == 1 and res.deleted_packs == 0
+    finally:
+        lock.release()
+    _, res = prune(repo, PruneOptions(max_unused=0.0, grace_s=0))
+    assert len(res.plans_finished) == 1 and res.deleted_packs > 0
