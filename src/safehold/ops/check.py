@@ -24,10 +24,12 @@ from safehold.errors import (
     UsageError,
 )
 from safehold.events import Event, EventSink, ignore_events
+from safehold.format.index import IndexedPack, IndexFile
 from safehold.format.pack import (
     HEADER_NONCE,
     PACK_PREFIX_LEN,
     TRAILER,
+    PackEntry,
     check_entries,
     header_from_bytes,
     parse_trailer,
@@ -158,59 +160,82 @@ def check(
             res.errors.append(msg)
         events(Event("damage", msg))
 
-    # 1. index objects, read from storage (never the cache)
-    index_ids = repo.list_ids("index/")
-    files = {}
-    for iid in index_ids:
+    # 1. plans, then index objects, read from storage (never the cache). Plans first: a plan
+    # that finishes meanwhile deletes its superseded index objects before itself, so no index
+    # object is read as live whose plan was missed
+    plans, bad_plans = repo.load_plans()
+    for name, err in sorted(bad_plans.items()):
+        damage(f"plan {name_to_id(name)[:16]}: {err}")
+    files: dict[str, IndexFile] = {}
+    for iid in repo.list_ids("index/"):
         try:
             files[iid] = repo.read_index_file(iid, use_cache=False)
+        except NotFound:
+            continue  # deleted since it was listed (a prune finished)
         except SafeholdError as e:
             damage(f"index {iid[:16]}: {e}")
-    # packs listed only by superseded index objects are condemned by prune: no longer live
-    superseded = {x.hex() for f in files.values() for x in f.supersedes} & set(files)
-    indexed: dict[str, tuple[int, list[bytes]]] = {}
-    old: dict[str, int] = {}
-    blob_packs: dict[bytes, str] = {}
-    for iid, idx in files.items():
+    # authoritative: the index objects a present plan replaces (a bare `supersedes` claim in an
+    # index object is not enough: prune stores its index before its plan, and claims can be
+    # forged). Their packs are condemned unless another index object lists them.
+    superseded = {s.hex() for p in plans.values() for s in p.superseded} & set(files)
+    listings: dict[str, list[tuple[str, IndexedPack]]] = {}  # pack id -> every listing
+    live: set[str] = set()  # packs listed by an index object that is not superseded
+    holders: dict[bytes, set[str]] = {}  # blob id -> every pack said to hold it
+    for iid, idx in sorted(files.items()):
         for p in idx.packs:
             pid = p.pack_id.hex()
-            if iid in superseded:
-                old[pid] = p.size
-                continue
-            indexed[pid] = (p.size, [b.id for b in p.blobs])
+            listings.setdefault(pid, []).append((iid, p))
+            if iid not in superseded:
+                live.add(pid)
             for b in p.blobs:
-                blob_packs.setdefault(b.id, pid)
+                holders.setdefault(b.id, set()).add(pid)
     repo.reload_index()
-    events(Event("info", f"{len(index_ids)} index objects, {len(indexed)} packs indexed"))
+    events(Event("info", f"{len(files)} index objects, {len(live)} packs indexed"))
 
-    # 2. packs present with the right size
+    # 2. live packs present; every present pack with the size its index objects give
     present = {name_to_id(i.name): i.size for i in repo.backend.list("data/")}
-    for pid, (size, _) in sorted(indexed.items()):
-        if pid not in present:
-            damage(f"pack {pid[:16]} is indexed but missing from storage")
-        elif present[pid] != size:
-            damage(f"pack {pid[:16]} has size {present[pid]}, the index says {size}")
-    unindexed = set(present) - set(indexed)
-    waiting = unindexed & set(old)
-    if waiting:
-        res.notes.append(f"{len(waiting)} packs are condemned by prune and wait for deletion")
-    if unindexed - waiting:
-        res.notes.append(
-            f"{len(unindexed - waiting)} packs are not indexed (left by an interrupted backup; "
-            "prune removes them)"
-        )
+    for pid in sorted(live - set(present)):
+        damage(f"pack {pid[:16]} is indexed but missing from storage")
+    for pid, lst in sorted(listings.items()):
+        if pid in present:
+            for iid, p in lst:
+                if p.size != present[pid]:
+                    damage(
+                        f"pack {pid[:16]} has size {present[pid]}, index {iid[:16]} says {p.size}"
+                    )
     res.packs = len(present)
 
-    # 3. snapshots and trees: every tree readable, every referenced blob indexed
+    # 3. snapshots and trees: every tree readable, every referenced blob in a pack in storage
     snapshots: list[Snapshot] = []
     for sid in repo.list_ids("snapshots/"):
         try:
             snapshots.append(repo.load_snapshot(sid))
+        except NotFound:
+            continue  # forgotten since it was listed
         except SafeholdError as e:
             damage(f"snapshot {sid[:8]}: {e}")
     res.snapshots = len(snapshots)
+
+    live_present = live & set(present)
+    used_condemned: set[str] = set()  # present packs only superseded index objects list, in use
+    verdicts: dict[bytes, bool] = {}
+
+    def held(blob: bytes) -> bool:
+        """Whether a pack in storage holds the blob (by the index objects); notes the condemned
+        packs that hold it when no live pack in storage does."""
+        got = verdicts.get(blob)
+        if got is None:
+            packs = holders.get(blob, set())
+            got = bool(packs & live_present)
+            if not got:
+                old = packs & set(present)
+                used_condemned.update(old)
+                got = bool(old)
+            verdicts[blob] = got
+        return got
+
     seen_trees: set[bytes] = set()
-    missing: set[bytes] = set()
+    reported: set[bytes] = set()
     for snap in snapshots:
         stack: list[tuple[bytes, str]] = [(snap.tree, "")]
         while stack:
@@ -218,6 +243,9 @@ def check(
             if tid in seen_trees:
                 continue
             seen_trees.add(tid)
+            if not held(tid):
+                damage(f"snapshot {snap.id[:8]}: tree of {path or '/'} is lost")
+                continue
             try:
                 nodes = repo.read_tree(tid)
             except SafeholdError as e:
@@ -228,15 +256,32 @@ def check(
                 if n.type == "dir" and n.subtree is not None:
                     stack.append((n.subtree, npath))
                 for c in n.content or []:
-                    if c not in blob_packs and c not in missing:
-                        missing.add(c)
+                    if not held(c) and c not in reported:
+                        reported.add(c)
                         damage(f"snapshot {snap.id[:8]}: {npath}: data blob {c.hex()[:16]} is lost")
     res.trees = len(seen_trees)
 
-    # 4. data: download, decrypt and verify every blob of the selected packs
+    unindexed = set(present) - live
+    doomed = {c.hex() for p in plans.values() for c in p.condemned} | set(listings)
+    if used_condemned:
+        res.notes.append(
+            f"{len(used_condemned)} packs are condemned by prune but still used by newer "
+            "snapshots; the next prune keeps them"
+        )
+    waiting = (unindexed & doomed) - used_condemned
+    if waiting:
+        res.notes.append(f"{len(waiting)} packs are condemned by prune and wait for deletion")
+    if unindexed - doomed:
+        res.notes.append(
+            f"{len(unindexed - doomed)} packs are not indexed (left by an interrupted backup; "
+            "prune removes them)"
+        )
+
+    # 4. data: download, decrypt and verify every blob of the selected packs, and compare every
+    # index entry for them with the pack's own header
     bad_blobs: set[bytes] = set()
     if opts.read_data or opts.subset:
-        candidates = {p: indexed[p][0] for p in indexed if p in present}
+        candidates = {p: present[p] for p in live_present | used_condemned}
         repo_id = repo.config.repo_id.hex()
         cycle, done = _load_state(opts.state_file, repo_id)
         done &= set(candidates)
@@ -246,17 +291,20 @@ def check(
             todo = sorted(candidates)
 
         def read_pack(pid: str) -> None:
+            lst = listings.get(pid, [])
             try:
-                bad = _verify_pack(repo, pid, indexed[pid][0])
+                bad, mismatches = _verify_pack(repo, pid, candidates[pid], lst)
             except (BackendError, NotFound) as e:
                 damage(f"pack {pid[:16]}: cannot read: {e}")
-                bad = list(indexed[pid][1])
+                bad, mismatches = [b.id for _, p in lst for b in p.blobs], []
             except IntegrityError as e:
                 damage(f"pack {pid[:16]}: {e}")
-                bad = list(indexed[pid][1])
+                bad, mismatches = [b.id for _, p in lst for b in p.blobs], []
+            for msg in mismatches:
+                damage(msg)
             with lock:
                 res.packs_read += 1
-                res.bytes_read += indexed[pid][0]
+                res.bytes_read += candidates[pid]
                 bad_blobs.update(bad)
             events(Event("progress", data={"packs_done": res.packs_read, "packs_total": len(todo)}))
 
@@ -279,9 +327,58 @@ SEGMENT = 8 << 20
 storage, and a bounded amount of memory."""
 
 
-def _verify_pack(repo: Repository, pid: str, size: int) -> list[bytes]:
-    """Read a pack from end to end; returns the ids of blobs that fail. Raises if the pack is
-    unreadable as a whole (truncated, trailer or header damaged, or it does not match its id)."""
+def _compare_listings(
+    pid: str,
+    header: list[PackEntry],
+    sealed_key: bytes,
+    listings: list[tuple[str, IndexedPack]],
+) -> tuple[list[str], list[PackEntry]]:
+    """Index entries against the pack's own header: every index entry for the pack must be the
+    header's entry for that blob id (type, offset, length, raw length, codec), and the sealed key
+    the pack's. Returns the messages, and the index entries that do not match."""
+    by_id: dict[bytes, list[PackEntry]] = {}
+    for h in header:
+        by_id.setdefault(h.id, []).append(h)
+    msgs: list[str] = []
+    wrong: list[PackEntry] = []
+    for iid, p in listings:
+        if p.sealed_key != sealed_key:
+            msgs.append(
+                f"index {iid[:16]}: the key it gives for pack {pid[:16]} is not the pack's own "
+                "(forged or corrupt index)"
+            )
+        for e in p.blobs:
+            found = by_id.get(e.id)
+            if found is not None and e in found:
+                continue
+            if found is None:
+                why = "the header has no blob with that id"
+            else:
+                h = found[0]
+                why = (
+                    f"index: type {e.type}, offset {e.offset}, length {e.length}, raw length "
+                    f"{e.raw_length}, codec {e.codec}; header: type {h.type}, offset {h.offset}, "
+                    f"length {h.length}, raw length {h.raw_length}, codec {h.codec}"
+                )
+            msgs.append(
+                f"index {iid[:16]}: entry for blob {e.id.hex()[:16]} in pack {pid[:16]} does not "
+                f"match the pack's header (forged or corrupt index): {why}"
+            )
+            wrong.append(e)
+    return msgs, wrong
+
+
+def _verify_pack(
+    repo: Repository,
+    pid: str,
+    size: int,
+    listings: list[tuple[str, IndexedPack]] | None = None,
+) -> tuple[list[bytes], list[str]]:
+    """Read a pack from end to end; returns the ids of blobs that fail, and what is wrong with
+    the index entries for the pack (``listings``: each index object's entry for it). A blob
+    whose index entry is wrong fails if the master index reads it from that entry. Raises if
+    the pack is unreadable as a whole (truncated, trailer or header damaged, or it does not
+    match its id)."""
     if repo.secrets.private_key is None:
         raise UsageError("check --read-data needs a full key")
     name = pack_name(pid)
@@ -331,7 +428,13 @@ def _verify_pack(repo: Repository, pid: str, size: int) -> list[bytes]:
         raise IntegrityError("its header cannot be read (damaged)")
     if hasher.hexdigest() != pid and not bad:
         raise IntegrityError("does not match its id, though every blob decrypts")
-    return bad
+    msgs, wrong = _compare_listings(pid, entries, prefix[4:PACK_PREFIX_LEN], listings or [])
+    index = repo.index
+    for e in wrong:
+        loc = index.lookup(e.id)
+        if loc is not None and loc.pack_id == pack_id and loc.entry == e:
+            bad.append(e.id)  # reads of this blob go by the wrong entry
+    return bad, msgs
 
 
 def _name_damaged_files(

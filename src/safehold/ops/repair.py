@@ -14,9 +14,9 @@ from safehold.compress import Compression
 from safehold.errors import NotFound, SafeholdError
 from safehold.events import Event, EventSink, ignore_events
 from safehold.format.index import IndexedPack, IndexFile
-from safehold.format.snapshot import Snapshot
-from safehold.format.tree import Node, tree_to_bytes
+from safehold.format.tree import Node, tree_from_bytes, tree_to_bytes
 from safehold.ids import BlobType, index_name, name_to_id, snapshot_name
+from safehold.repository.index import BlobLocation, MasterIndex
 from safehold.repository.repo import Repository
 
 
@@ -65,65 +65,108 @@ class RepairSnapshotsResult:
     dropped: list[str] = field(default_factory=list)  # "snapshot id: path" of each lost entry
 
 
+def present_blobs(repo: Repository, index: MasterIndex) -> dict[bytes, list[BlobLocation]]:
+    """Every place, in a pack that is in storage, where the index says a blob is: live packs and
+    the packs that only superseded index objects list (condemned by prune, not deleted yet)
+    alike. A blob not in it is lost."""
+    stored = {name_to_id(i.name) for i in repo.backend.list("data/")}
+    out: dict[bytes, list[BlobLocation]] = {}
+    for p in (*index.packs(), *index.old_packs()):
+        if p.pack_id.hex() in stored:
+            for b in p.blobs:
+                out.setdefault(b.id, []).append(BlobLocation(p.pack_id, b))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Fixed:
+    """A tree after repair: its new id (None: unreadable) and what was dropped below it, as
+    (path relative to the tree, reason)."""
+
+    tree: bytes | None
+    dropped: tuple[tuple[str, str], ...] = ()
+
+
 def repair_snapshots(
     repo: Repository, *, dry_run: bool = False, events: EventSink = ignore_events
 ) -> RepairSnapshotsResult:
-    """Rewrite every snapshot that refers to lost data: files with a lost blob and directories
-    whose tree is lost are dropped, each named; the rewritten snapshot replaces the old one."""
+    """Rewrite every snapshot that refers to lost data: files with a blob that no pack in
+    storage holds and directories whose tree is lost are dropped, each named; the rewritten
+    snapshot replaces the old one. A subtree shared by several snapshots is repaired once and
+    every snapshot that holds it is rewritten."""
     res = RepairSnapshotsResult()
     index = repo.reload_index()
+    present = present_blobs(repo, index)
     session = None if dry_run else repo.write_session()
+    hasher = repo.write_session() if session is None else session
+    memo: dict[bytes, _Fixed] = {}
 
-    def fix_tree(tree_id: bytes, path: str, snap: Snapshot, memo: dict[bytes, bytes]) -> bytes:
-        if tree_id in memo:
+    def read_tree(tree_id: bytes) -> list[Node] | None:
+        """The tree, from any pack in storage that holds it (None if none can be read)."""
+        if tree_id not in present:
+            return None
+        try:
+            return repo.read_tree(tree_id)
+        except SafeholdError:
+            pass
+        for loc in present[tree_id]:  # the index may prefer a copy that is lost or damaged
+            try:
+                for _, data in repo.read_pack_blobs(loc.pack_id, [loc.entry]):
+                    return tree_from_bytes(data)
+            except SafeholdError:
+                continue
+        return None
+
+    def fix_tree(tree_id: bytes) -> _Fixed:
+        got = memo.get(tree_id)
+        if got is not None:
+            return got
+        nodes = read_tree(tree_id)
+        if nodes is None:
+            memo[tree_id] = _Fixed(None)
             return memo[tree_id]
-        nodes = repo.read_tree(tree_id)
         out: list[Node] = []
-        changed = False
+        dropped: list[tuple[str, str]] = []
         for n in nodes:
-            npath = f"{path}/{os.fsdecode(n.name)}"
+            name = f"/{os.fsdecode(n.name)}"
             if n.type == "dir" and n.subtree is not None:
-                try:
-                    sub = fix_tree(n.subtree, npath, snap, memo)
-                except SafeholdError:
-                    res.dropped.append(f"{snap.id[:8]}: {npath}/ (directory unreadable)")
-                    changed = True
+                sub = fix_tree(n.subtree)
+                if sub.tree is None:
+                    dropped.append((f"{name}/", "directory unreadable"))
                     continue
-                if sub != n.subtree:
-                    n = dataclasses.replace(n, subtree=sub)
-                    changed = True
-            elif n.content and any(c not in index for c in n.content):
-                res.dropped.append(f"{snap.id[:8]}: {npath} (data lost)")
-                changed = True
+                dropped += [(name + p, why) for p, why in sub.dropped]
+                if sub.tree != n.subtree:
+                    n = dataclasses.replace(n, subtree=sub.tree)
+            elif n.content and any(c not in present for c in n.content):
+                dropped.append((name, "data lost"))
                 continue
             out.append(n)
         new_id = tree_id
-        if changed:
+        if dropped:
             data = tree_to_bytes(out)
             new_id = (
-                repo.write_session().blob_id(data)
+                hasher.blob_id(data)
                 if session is None
                 else session.add_blob(BlobType.TREE, data, Compression("zstd", 3))[0]
             )
-        memo[tree_id] = new_id
-        return new_id
+        memo[tree_id] = _Fixed(new_id, tuple(dropped))
+        return memo[tree_id]
 
-    memo: dict[bytes, bytes] = {}
     for snap in repo.snapshots():
-        before = len(res.dropped)
-        try:
-            root = fix_tree(snap.tree, "", snap, memo)
-        except SafeholdError:
-            res.dropped.append(f"{snap.id[:8]}: / (root tree unreadable)")
-            root = None
-        if len(res.dropped) == before:
+        fixed = fix_tree(snap.tree)
+        if fixed.tree is None:
+            lines = [f"{snap.id[:8]}: / (root tree unreadable)"]
+        else:
+            lines = [f"{snap.id[:8]}: {p} ({why})" for p, why in fixed.dropped]
+        if fixed.tree == snap.tree:
             continue
-        for line in res.dropped[before:]:
+        res.dropped += lines
+        for line in lines:
             events(Event("warning", f"dropped {line}"))
-        if dry_run:
+        if session is None:
             res.rewritten[snap.id] = ""
             continue
-        assert session is not None
+        root = fixed.tree
         if root is None:
             root = session.add_blob(BlobType.TREE, tree_to_bytes([]), Compression("zstd", 3))[0]
         session.flush()
