@@ -1,8 +1,10 @@
 """The conformance suite every backend must pass.
 
 Use it by subclassing :class:`BackendConformance` in a test module that provides a ``backend``
-fixture (an empty, created backend); see ``test_conformance.py``. A new backend (S3, SFTP,
-rclone, …) only adds a parameter to that fixture.
+fixture (an empty, created backend) and an ``on_disk`` fixture (an :class:`OnDisk` for the
+folder of this machine where the backend keeps its files, for the backends that store through
+temporary files and clean them up; None for the others); see ``test_conformance.py``. A new
+backend (S3, SFTP, rclone, …) only adds a parameter to those fixtures.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from safehold.backends.base import Backend, ObjectInfo
+from safehold.backends.base import Backend, ObjectInfo, clean_temporaries
 from safehold.errors import AlreadyExists, NotFound, TransientError
 
 BAD_NAMES = [
@@ -36,6 +41,43 @@ BAD_NAMES = [
 ]
 
 BAD_PREFIXES = ["/", "/data/", "../", "a/../", "a//", "..", "a\\b", "a\0"]
+
+DAY = 24 * 3600.0
+
+
+def fail_in_ci(missing: str | None) -> None:
+    """Fail the test when a tool it needs is missing (``missing`` says which) and ``CI`` is
+    true: CI installs every tool, so there a missing one is an error, not a reason to skip."""
+    if missing and os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+        pytest.fail(f"{missing} (with CI={os.environ['CI']} a missing tool fails the test)")
+
+
+@dataclass(frozen=True)
+class OnDisk:
+    """The folder of this machine where a backend under test keeps its objects as files (its
+    own, an SFTP server's, an rclone remote's): what an interrupted store leaves there."""
+
+    root: Path
+
+    def path(self, name: str) -> Path:
+        return self.root.joinpath(*name.split("/"))
+
+    def set_age(self, name: str, age_s: float) -> None:
+        """Set the modification (and access) time of file ``name`` to ``age_s`` seconds ago."""
+        when = time.time() - age_s
+        os.utime(self.path(name), (when, when))
+
+    def plant_temporary(self, name: str, age_s: float) -> None:
+        """Leave a temporary as a store cut short by a crash does (``name`` ends in
+        ``.tmp-…``), last modified ``age_s`` seconds ago."""
+        path = self.path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half written " + os.urandom(100))
+        self.set_age(name, age_s)
+
+    def files(self) -> set[str]:
+        """Every file under the root, as names relative to it."""
+        return {p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()}
 
 
 def listing(backend: Backend, prefix: str) -> dict[str, int]:
@@ -328,6 +370,72 @@ class BackendConformance:
     def test_bad_prefixes_are_rejected(self, backend: Backend, prefix: str) -> None:
         with pytest.raises(ValueError):
             list(backend.list(prefix))
+
+    # --- temporaries of interrupted stores ----------------------------------------------------
+
+    def test_clean_temporaries_removes_only_old_temporaries(
+        self, backend: Backend, on_disk: OnDisk | None
+    ) -> None:
+        objects = {
+            "config": b"config",
+            "data/ab/object": b"pack",
+            "data/ff/deeper/still/p2": b"deep pack",
+            "data/.tmp-folder/object": b"a folder may start so, only a file name may not",
+            "locks/l": b"lock",
+        }
+        for name, data in objects.items():
+            backend.store(name, data)
+        expected = {name: len(data) for name, data in objects.items()}
+        old = [
+            f".tmp-{0:016x}",
+            f"data/ab/.tmp-{1:016x}",
+            f"data/ab/.tmp-{2:016x}",
+            f"data/cd/.tmp-{3:016x}",  # a folder with nothing else in it
+            f"data/ff/deeper/still/.tmp-{4:016x}",
+            f"locks/.tmp-{5:016x}",
+        ]
+        young = [f"data/ab/.tmp-{6:016x}", f"index/.tmp-{7:016x}"]
+        if on_disk is None:
+            # No temporaries (memory, S3) or no way to reach them (the ssh:// client).
+            assert clean_temporaries(backend, DAY) == []
+            assert clean_temporaries(backend, 0) == []
+            assert listing(backend, "") == expected
+            return
+        for name in old:
+            on_disk.plant_temporary(name, 2 * DAY)
+        for name in young:
+            on_disk.plant_temporary(name, 60)
+        for name in objects:
+            on_disk.set_age(name, 3 * DAY)  # older than every temporary: yet no temporary
+        on_disk_before = on_disk.files()
+        assert on_disk_before >= set(objects) | set(old) | set(young)
+        # listings never show temporaries
+        assert listing(backend, "") == expected
+        assert listing(backend, "data/ab/") == {"data/ab/object": 4}
+        assert listing(backend, "data/ab/.tmp-") == {}
+        assert listing(backend, "data/cd/") == {}
+        assert listing(backend, ".tmp") == {}
+
+        removed = clean_temporaries(backend, DAY)
+        assert sorted(removed) == sorted(old)
+        assert on_disk.files() == on_disk_before - set(old)
+        assert clean_temporaries(backend, DAY) == []  # nothing left that old
+
+        # a limit of 30 seconds takes the temporaries of a minute ago, and still no object
+        assert sorted(clean_temporaries(backend, 30)) == sorted(young)
+        assert on_disk.files() == on_disk_before - set(old) - set(young)
+        assert listing(backend, "") == expected
+        for name, data in objects.items():
+            assert backend.load(name) == data
+        backend.store("data/ab/new", b"stores still work")
+        assert backend.load("data/ab/new") == b"stores still work"
+
+    @pytest.mark.parametrize("bad", [-1.0, -0.001, float("nan"), float("inf"), float("-inf")])
+    def test_clean_temporaries_rejects_a_bad_age(self, backend: Backend, bad: float) -> None:
+        backend.store("config", b"c")
+        with pytest.raises(ValueError):
+            clean_temporaries(backend, bad)
+        assert backend.load("config") == b"c"
 
     # --- the rest ------------------------------------------------------------------------------
 

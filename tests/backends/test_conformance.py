@@ -7,7 +7,12 @@ try others. The ``s3`` parameter runs the suite against a real moto_server proce
 parameter runs it against the real rclone binary (an ``rclone rcd`` per test) with a local-type
 remote from a temporary config (see ``rclone_env.py``); skipped only if rclone is not installed.
 The ``sftp`` parameter runs it against a real OpenSSH sshd (see ``sshserver.py``), a fresh
-folder per test; skipped only if sshd is not installed.
+folder per test; skipped only if sshd is not installed. With ``CI=true`` a missing rclone or
+sshd fails those tests instead.
+
+``on_disk`` is the folder of this machine where the backend under test keeps its files, for the
+backends that clean up the temporaries of interrupted stores (local, faulty-local, rclone's local
+remote, the sftp server's folder); None for the others.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from safehold.backends import (
 from safehold.backends.rclone import RcloneBackend
 from safehold.backends.s3 import S3Backend
 from tests.support.checks import no_sleep
+from tests.support.rclone_config import NO_RCLONE, RCLONE
 
-from .conformance import BackendConformance
+from .conformance import BackendConformance, OnDisk, fail_in_ci
 
 if TYPE_CHECKING:
     from tests.support.rclone_config import RcloneEnv
@@ -48,6 +54,9 @@ pytest_plugins = [
 
 FAULT_SEED = int(os.environ.get("SAFEHOLD_FAULT_SEED", "1729"))
 FAULT_RATE = 0.3
+
+FILES = pytest.StashKey[Path]()
+"""Where the ``backend`` fixture's backend keeps its files on this machine (if it says)."""
 
 
 def faulty_local(root: Path, seed: int) -> tuple[Backend, FaultInjectingBackend]:
@@ -85,6 +94,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     if request.param == "local":
         b: Backend = LocalBackend(tmp_path / "repo")
         b.create()
+        request.node.stash[FILES] = tmp_path / "repo"
     elif request.param == "memory":
         b = MemoryBackend()
     elif request.param == "s3":
@@ -93,13 +103,20 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         b.create()
         request.addfinalizer(server.reset)
     elif request.param == "rclone":
+        fail_in_ci(NO_RCLONE if RCLONE is None else None)
         env: RcloneEnv = request.getfixturevalue("rclone_env")
         b = RcloneBackend(env.remote_path("backups/repo"))
         b.create()
+        request.node.stash[FILES] = env.base / "backups" / "repo"
     elif request.param == "sftp":
+        from .sshserver import sshd_missing  # a plugin: imported (and rewritten) by pytest
+
+        fail_in_ci(sshd_missing())
         sshd: SSHServer = request.getfixturevalue("sshd")
-        b = sshd.backend(sshd.new_dir())
+        folder = sshd.new_dir()
+        b = sshd.backend(folder)
         b.create()
+        request.node.stash[FILES] = folder
     elif request.param == "serve":
         b = serve_backend(tmp_path, request)
         b.create()
@@ -108,10 +125,17 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         seed = FAULT_SEED ^ zlib.crc32(request.node.name.encode())
         print(f"fault injection seed: {seed} (rate {FAULT_RATE})")
         b, faulty = faulty_local(tmp_path / "repo", seed)
+        request.node.stash[FILES] = tmp_path / "repo"
     yield b
     b.close()
     if faulty is not None:
         print(f"faults: {dict(faulty.stats)}")
+
+
+@pytest.fixture
+def on_disk(backend: Backend, request: pytest.FixtureRequest) -> OnDisk | None:
+    folder = request.node.stash.get(FILES, None)
+    return None if folder is None else OnDisk(folder)
 
 
 def serve_backend(tmp_path: Path, request: pytest.FixtureRequest) -> Backend:

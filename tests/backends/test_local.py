@@ -5,15 +5,21 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from safehold.backends import LocalBackend
+from safehold.backends.base import clean_temporaries
 from safehold.errors import NotFound, PermanentError, TransientError
 
 NOBODY = 65534
@@ -139,6 +145,114 @@ def test_without_hard_links_falls_back_to_rename(
     assert len(calls) == 1  # found out once, then no more attempts
     assert backend.load("data/ab/x") == b"first"
     assert files_under(root) == ["data/ab/x", "data/ab/y"]
+
+
+# --- temporaries of interrupted stores -----------------------------------------------------------
+
+HOUR = 3600.0
+
+# A store in a child process that SIGKILLs itself once the temporary is written and synced,
+# just before it would get its final name: what a crash or power cut leaves behind.
+KILLED_STORE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from safehold.backends.local import LocalBackend
+
+    def crash(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    os.link = os.rename = os.replace = crash
+    LocalBackend(sys.argv[1]).store(sys.argv[2], b"payload" * 1000)
+    """
+)
+
+
+def make_old(path: Path, age_s: float) -> None:
+    when = time.time() - age_s
+    os.utime(path, (when, when), follow_symlinks=False)
+
+
+def test_temporary_of_a_killed_store_is_cleaned_once_old(backend: LocalBackend, root: Path) -> None:
+    backend.store("data/ab/kept", b"kept")
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_STORE, str(root), "data/ab/lost"],
+        capture_output=True,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    left = [name for name in files_under(root) if name != "data/ab/kept"]
+    assert len(left) == 1 and left[0].startswith("data/ab/.tmp-"), left
+    assert (root / left[0]).read_bytes() == b"payload" * 1000
+    assert [i.name for i in backend.list("")] == ["data/ab/kept"]
+    # young: it could be another client's store under way
+    assert backend.clean_temporaries(HOUR) == []
+    assert clean_temporaries(backend, HOUR) == []
+    make_old(root / left[0], 2 * HOUR)
+    assert clean_temporaries(backend, HOUR) == left
+    assert files_under(root) == ["data/ab/kept"]
+    backend.store("data/ab/lost", b"payload" * 1000)  # the store, done again, works
+    assert sorted(i.name for i in backend.list("")) == ["data/ab/kept", "data/ab/lost"]
+
+
+def test_clean_temporaries_leaves_links_folders_and_other_files(
+    backend: LocalBackend, root: Path
+) -> None:
+    backend.store("data/ab/object", b"object")
+    backend.store("data/.tmp-folder/object", b"in a folder named like a temporary")
+    folder = root / "data" / "ab"
+    (folder / ".tmp-link").symlink_to(folder / "object")
+    (folder / ".tmp-dangling").symlink_to(folder / "nowhere")
+    (folder / "foreign.tmp-file").write_bytes(b"not ours")
+    os.mkfifo(folder / ".tmp-fifo")
+    (folder / ".tmp-0123456789abcdef").write_bytes(b"half written")
+    for path in [*root.rglob("*"), root]:
+        make_old(path, 2 * HOUR)
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert backend.clean_temporaries(HOUR) == ["data/ab/.tmp-0123456789abcdef"]
+    after = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert after == [p for p in before if p != "data/ab/.tmp-0123456789abcdef"]
+    assert backend.load("data/ab/object") == b"object"
+    assert backend.load("data/.tmp-folder/object") == b"in a folder named like a temporary"
+
+
+def test_clean_temporaries_of_a_missing_folder_is_empty(tmp_path: Path) -> None:
+    assert LocalBackend(tmp_path / "nothing-here").clean_temporaries(0) == []
+
+
+def test_clean_temporaries_errors_are_mapped(
+    backend: LocalBackend, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (root / "data").mkdir()
+    tmp = root / "data" / ".tmp-0123456789abcdef"
+    tmp.write_bytes(b"half written")
+    make_old(tmp, 2 * HOUR)
+    monkeypatch.setattr(os, "unlink", failing(OSError(errno.EACCES, "Permission denied")))
+    with pytest.raises(PermanentError, match=f"permission denied: {re.escape(str(tmp))}$"):
+        backend.clean_temporaries(HOUR)
+    monkeypatch.setattr(os, "unlink", failing(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(TransientError, match=re.escape(f"cannot remove {tmp}: Input/output")):
+        backend.clean_temporaries(HOUR)
+    monkeypatch.setattr(os, "unlink", failing(FileNotFoundError(errno.ENOENT, "gone")))
+    assert backend.clean_temporaries(HOUR) == []  # published or removed meanwhile: not ours
+    monkeypatch.undo()
+    assert tmp.exists()
+    assert backend.clean_temporaries(HOUR) == ["data/.tmp-0123456789abcdef"]
+
+
+def test_store_whose_temporary_is_cleaned_after_linking_succeeds(
+    backend: LocalBackend, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_link = os.link
+
+    def link_then_lose_the_temporary(src: str, dst: str) -> None:
+        real_link(src, dst)
+        os.unlink(src)  # a clean_temporaries with a limit shorter than this store took
+
+    monkeypatch.setattr(os, "link", link_then_lose_the_temporary)
+    backend.store("data/ab/x", b"payload")
+    monkeypatch.undo()
+    assert backend.load("data/ab/x") == b"payload"
+    assert files_under(root) == ["data/ab/x"]
 
 
 # --- errors --------------------------------------------------------------------------------------

@@ -19,16 +19,24 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from safehold.backends import RetryingBackend, open_backend
-from safehold.backends.base import ObjectInfo
-from safehold.backends.rclone import MISSING_BINARY, RcloneBackend
+from safehold.backends.base import ObjectInfo, clean_temporaries
+from safehold.backends.rclone import MISSING_BINARY, RcloneBackend, _mod_time
 from safehold.errors import AlreadyExists, NotFound, PermanentError, TransientError, UsageError
 from tests.support.checks import error_line as one_line
 from tests.support.checks import no_sleep
-from tests.support.rclone_config import RCLONE, REMOTE, RcloneEnv, free_port, write_config
+from tests.support.rclone_config import (
+    NO_RCLONE,
+    RCLONE,
+    REMOTE,
+    RcloneEnv,
+    free_port,
+    write_config,
+)
 
 pytest_plugins = ["tests.backends.rclone_env"]  # rclone_env
 pytestmark = pytest.mark.rclone
@@ -512,3 +520,135 @@ def test_an_unreachable_remote_is_transient_then_one_line(
     assert len(retries) == 10
     assert time.monotonic() - started < 30
     b.close()
+
+
+# --- temporaries of interrupted stores -----------------------------------------------------------
+
+HOUR = 3600.0
+
+# A store in a child process that SIGKILLs itself once the temporary is uploaded, just before
+# the move that would give it its final name (its rclone rcd gets SIGTERM as it dies).
+KILLED_STORE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from safehold.backends.rclone import RcloneBackend
+
+    real_upload = RcloneBackend._upload
+
+    def upload_then_crash(self, name, view):
+        real_upload(self, name, view)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    RcloneBackend._upload = upload_then_crash
+    RcloneBackend(sys.argv[1]).store(sys.argv[2], b"payload" * 1000)
+    """
+)
+
+
+def make_old(path: Path, age_s: float) -> None:
+    when = time.time() - age_s
+    os.utime(path, (when, when))
+
+
+@pytest.fixture
+def rclone_or_fail(request: pytest.FixtureRequest) -> RcloneEnv:
+    """``rclone_env``; with CI=true a missing rclone fails the test instead of skipping it."""
+    from .conformance import fail_in_ci
+
+    fail_in_ci(NO_RCLONE if RCLONE is None else None)
+    env: RcloneEnv = request.getfixturevalue("rclone_env")
+    return env
+
+
+def test_temporary_of_a_killed_store_is_cleaned_once_old(rclone_or_fail: RcloneEnv) -> None:
+    root = rclone_or_fail.base / "repo"
+    b = RetryingBackend(RcloneBackend(rclone_or_fail.remote_path("repo")), sleep=no_sleep)
+    b.create()
+    b.store("data/ab/kept", b"kept")
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_STORE, rclone_or_fail.remote_path("repo"), "data/ab/lost"],
+        capture_output=True,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    left = [name for name in disk_names(root) if name != "data/ab/kept"]
+    assert len(left) == 1 and left[0].startswith("data/ab/.tmp-"), left
+    assert (root / left[0]).read_bytes() == b"payload" * 1000
+    assert [i.name for i in b.list("")] == ["data/ab/kept"]
+    assert clean_temporaries(b, HOUR) == []  # young: it could be another client's
+    make_old(root / left[0], 2 * HOUR)
+    assert clean_temporaries(b, HOUR) == left
+    assert disk_names(root) == ["data/ab/kept"]
+    b.store("data/ab/lost", b"payload" * 1000)
+    assert sorted(i.name for i in b.list("")) == ["data/ab/kept", "data/ab/lost"]
+    b.close()
+
+
+def test_clean_temporaries_takes_partial_uploads_and_leaves_folders(
+    rclone_or_fail: RcloneEnv,
+) -> None:
+    root = rclone_or_fail.base / "repo"
+    b = RcloneBackend(rclone_or_fail.remote_path("repo"))
+    b.create()
+    b.store("data/ab/object", b"object")
+    b.store("data/.tmp-folder/object", b"in a folder named like a temporary")
+    folder = root / "data" / "ab"
+    # what newer rclone versions upload to before renaming (--inplace off)
+    (folder / ".tmp-0123456789abcdef.a1b2c3d4.partial").write_bytes(b"half uploaded")
+    (folder / "foreign.tmp-file").write_bytes(b"not ours")
+    for path in root.rglob("*"):
+        make_old(path, 2 * HOUR)
+    assert b.clean_temporaries(HOUR) == ["data/ab/.tmp-0123456789abcdef.a1b2c3d4.partial"]
+    assert disk_names(root) == [
+        "data/.tmp-folder/object",
+        "data/ab/foreign.tmp-file",
+        "data/ab/object",
+    ]
+    assert b.load("data/.tmp-folder/object") == b"in a folder named like a temporary"
+    b.close()
+    empty = RcloneBackend(rclone_or_fail.remote_path("no-such-folder"))
+    assert empty.clean_temporaries(0) == []
+    empty.close()
+
+
+def test_clean_temporaries_skips_what_vanished_meanwhile(
+    rclone_or_fail: RcloneEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = rclone_or_fail.base / "repo"
+    b = RcloneBackend(rclone_or_fail.remote_path("repo"))
+    b.create()
+    gone, kept = root / f".tmp-{1:016x}", root / "data" / "ab" / f".tmp-{2:016x}"
+    kept.parent.mkdir(parents=True)
+    for path in (gone, kept):
+        path.write_bytes(b"half written")
+        make_old(path, 2 * HOUR)
+    real_list_files = b._list_files
+
+    def list_then_lose_one(*args: Any, **kwargs: Any) -> Any:
+        found = real_list_files(*args, **kwargs)
+        gone.unlink()  # moved into place, or removed by another client, after the listing
+        return found
+
+    monkeypatch.setattr(b, "_list_files", list_then_lose_one)
+    assert b.clean_temporaries(HOUR) == [f"data/ab/.tmp-{2:016x}"]
+    assert disk_names(root) == []
+    b.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2024-05-01T10:00:00Z", 1714557600.0),
+        ("2024-05-01T10:00:00.25Z", 1714557600.25),
+        ("2024-05-01T12:00:00.123456789+02:00", 1714557600.123456),
+        ("2024-05-01T10:00:00", None),  # no time zone: unknown
+        ("yesterday", None),
+        ("", None),
+        (None, None),
+        (1714557600, None),
+    ],
+)
+def test_mod_times_of_listings(text: object, expected: float | None) -> None:
+    got = _mod_time(text)
+    assert got == (None if expected is None else pytest.approx(expected, abs=1e-6))

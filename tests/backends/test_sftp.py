@@ -9,11 +9,14 @@ subject to file permissions.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import stat
 import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from safehold.backends import RetryingBackend, open_backend
+from safehold.backends.base import clean_temporaries
 from safehold.backends.sftp import SFTPBackend
 from safehold.errors import NotFound, PermanentError, TransientError, UsageError
 from tests.support.checks import error_line as one_line
@@ -508,4 +512,156 @@ def test_full_disk_is_a_clear_permanent_error(sshd: SSHServer, small_tmpfs: Path
     assert files_under(small_tmpfs) == {"config": 6}
     b.store("data/ab/small", b"s" * 100_000)
     assert b.load("data/ab/small") == b"s" * 100_000
+    b.close()
+
+
+# --- temporaries of interrupted stores -----------------------------------------------------------
+
+HOUR = 3600.0
+
+# A store in a child process that SIGKILLs itself once the temporary is written, synced and
+# closed on the server, just before the rename that would give it its final name.
+KILLED_STORE = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from safehold.backends.sftp import SFTPBackend
+
+    def crash(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    SFTPBackend._publish = SFTPBackend._replace = crash
+    args = json.loads(sys.argv[1])
+    SFTPBackend("127.0.0.1", args.pop("path"), **args).store(sys.argv[2], b"payload" * 1000)
+    """
+)
+
+
+def make_old(path: Path, age_s: float) -> None:
+    when = time.time() - age_s
+    os.utime(path, (when, when))
+
+
+@pytest.fixture(scope="session")
+def sftp_server(request: pytest.FixtureRequest) -> SSHServer:
+    """The session's sshd; with CI=true a missing sshd fails the test instead of skipping it.
+
+    (Session-scoped, so that named before ``sshd_unprivileged`` it is set up first.)"""
+    from .conformance import fail_in_ci
+    from .sshserver import sshd_missing
+
+    fail_in_ci(sshd_missing())
+    server: SSHServer = request.getfixturevalue("sshd")
+    return server
+
+
+def test_temporary_of_a_killed_store_is_cleaned_once_old(sftp_server: SSHServer) -> None:
+    sshd = sftp_server
+    root = sshd.new_dir()
+    b = sshd.backend(root)
+    b.create()
+    b.store("data/ab/kept", b"kept")
+    args = {
+        "path": str(root),
+        "user": sshd.user,
+        "port": sshd.port,
+        "key_files": [str(sshd.client_key)],
+        "known_hosts": [str(sshd.known_hosts)],
+        "ssh_config": None,
+        "allow_agent": False,
+        "look_for_keys": False,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_STORE, json.dumps(args), "data/ab/lost"],
+        capture_output=True,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    left = [name for name in files_under(root) if name != "data/ab/kept"]
+    assert len(left) == 1 and left[0].startswith("data/ab/.tmp-"), left
+    assert (root / left[0]).read_bytes() == b"payload" * 1000
+    retried: list[str] = []
+    wrapped = retrying(b, retried)  # as open_backend makes it: the wrapper passes it on
+    assert [i.name for i in wrapped.list("")] == ["data/ab/kept"]
+    assert clean_temporaries(wrapped, HOUR) == []  # young: it could be another client's
+    make_old(root / left[0], 2 * HOUR)
+    assert clean_temporaries(wrapped, HOUR) == left
+    assert files_under(root) == {"data/ab/kept": 4}
+    wrapped.store("data/ab/lost", b"payload" * 1000)
+    assert sorted(i.name for i in wrapped.list("")) == ["data/ab/kept", "data/ab/lost"]
+    assert retried == []
+    b.close()
+
+
+def test_clean_temporaries_leaves_links_and_folders(sftp_server: SSHServer) -> None:
+    root = sftp_server.new_dir()
+    b = sftp_server.backend(root)
+    b.create()
+    b.store("data/ab/object", b"object")
+    b.store("data/.tmp-folder/object", b"in a folder named like a temporary")
+    folder = root / "data" / "ab"
+    (folder / ".tmp-link").symlink_to(folder / "object")
+    (folder / ".tmp-0123456789abcdef").write_bytes(b"half written")
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            make_old(path, 2 * HOUR)
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert b.clean_temporaries(HOUR) == ["data/ab/.tmp-0123456789abcdef"]
+    after = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert after == [p for p in before if p != "data/ab/.tmp-0123456789abcdef"]
+    assert b.load("data/ab/object") == b"object"
+    assert b.load("data/.tmp-folder/object") == b"in a folder named like a temporary"
+    assert sftp_server.backend(sftp_server.new_dir()).clean_temporaries(0) == []  # no folder
+    b.close()
+
+
+def test_clean_temporaries_skips_what_vanished_meanwhile(
+    sftp_server: SSHServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = sftp_server.new_dir()
+    b = sftp_server.backend(root)
+    b.create()
+    gone, kept = root / f".tmp-{1:016x}", root / "data" / "ab" / f".tmp-{2:016x}"
+    kept.parent.mkdir(parents=True)
+    for path in (gone, kept):
+        path.write_bytes(b"half written")
+        make_old(path, 2 * HOUR)
+    real_walk = b._walk
+
+    def walk_then_lose_one(*args: Any) -> Any:
+        found = real_walk(*args)
+        gone.unlink()  # published, or removed by another client, after the listing
+        return found
+
+    monkeypatch.setattr(b, "_walk", walk_then_lose_one)
+    assert b.clean_temporaries(HOUR) == [f"data/ab/.tmp-{2:016x}"]
+    assert files_under(root) == {}
+    b.close()
+
+
+@pytest.mark.usefixtures("sftp_server")  # first: fails rather than skips under CI=true
+def test_clean_temporaries_permission_denied_is_permanent(
+    sshd_unprivileged: SSHServer,
+) -> None:
+    server = sshd_unprivileged
+    root = server.new_dir()
+    root.mkdir(parents=True)
+    tmp = root / ".tmp-0123456789abcdef"
+    tmp.write_bytes(b"half written")
+    make_old(tmp, 2 * HOUR)
+    if os.geteuid() == 0:  # owned by root; the server logs in nobody
+        os.chown(root.parent, 0, 0)
+        root.chmod(0o755)
+    else:
+        root.chmod(0o555)
+    retried: list[str] = []
+    b = retrying(server.backend(root), retried)
+    try:
+        with pytest.raises(PermanentError) as info:
+            clean_temporaries(b, HOUR)
+        assert one_line(info.value) == f"permission denied on 127.0.0.1:{tmp} (remove)"
+    finally:
+        root.chmod(0o755)
+    assert retried == []
+    assert tmp.exists()
     b.close()

@@ -1,9 +1,11 @@
-"""RetryingBackend, FaultInjectingBackend and CountingBackend."""
+"""RetryingBackend, FaultInjectingBackend and CountingBackend (and how each passes
+clean_temporaries on)."""
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from safehold.backends import (
     ObjectInfo,
     RetryingBackend,
 )
+from safehold.backends.base import CleansTemporaries, clean_temporaries
+from safehold.backends.wrappers import KillingBackend
 from safehold.errors import AlreadyExists, NotFound, PermanentError, TransientError
 
 
@@ -535,3 +539,101 @@ def test_counting_backend_is_thread_safe() -> None:
         t.join()
     assert counting.calls["store"] == 1600
     assert counting.bytes["store"] == 8000
+
+
+# --- clean_temporaries through the wrappers ------------------------------------------------------
+
+HOUR = 3600.0
+
+
+def plant_old_temporary(root: Path, name: str) -> None:
+    path = root.joinpath(*name.split("/"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"half written")
+    when = time.time() - 2 * HOUR
+    os.utime(path, (when, when))
+
+
+class FlakyCleaner(MemoryBackend):
+    """A backend whose clean_temporaries fails ``failures`` times, then removes ``names``."""
+
+    def __init__(self, failures: int, error: Exception, names: list[str]) -> None:
+        super().__init__()
+        self.failures = failures
+        self.error = error
+        self.names = names
+        self.calls: list[float] = []
+
+    def clean_temporaries(self, older_than_s: float) -> list[str]:
+        self.calls.append(older_than_s)
+        if len(self.calls) <= self.failures:
+            raise self.error
+        return list(self.names)
+
+
+def wrapper_stacks(inner: Backend) -> dict[str, Backend]:
+    return {
+        "retrying": RetryingBackend(inner, sleep=Sleeps()),
+        "faulty": FaultInjectingBackend(inner, seed=3, rate=1.0),
+        "counting": CountingBackend(inner),
+        "killing": KillingBackend(inner, after=1000),
+        "all": RetryingBackend(
+            FaultInjectingBackend(CountingBackend(KillingBackend(inner, after=1000)), seed=4),
+            sleep=Sleeps(),
+        ),
+    }
+
+
+def test_wrappers_pass_clean_temporaries_on(tmp_path: Path) -> None:
+    for label in ("retrying", "faulty", "counting", "killing", "all"):
+        local = LocalBackend(tmp_path / label)
+        local.create()
+        wrapper = wrapper_stacks(local)[label]
+        local.store("data/ab/object", b"object")
+        plant_old_temporary(tmp_path / label, "data/ab/.tmp-0123456789abcdef")
+        assert isinstance(wrapper, CleansTemporaries), label
+        assert clean_temporaries(wrapper, HOUR) == ["data/ab/.tmp-0123456789abcdef"], label
+        assert wrapper.clean_temporaries(HOUR) == [], label
+        assert [i.name for i in local.list("")] == ["data/ab/object"], label
+        if isinstance(wrapper, KillingBackend):
+            assert wrapper._writes == 0  # removing temporaries is no write
+
+
+def test_wrappers_of_a_backend_without_temporaries_return_nothing() -> None:
+    memory = MemoryBackend()
+    assert not isinstance(memory, CleansTemporaries)
+    assert clean_temporaries(memory, 0) == []
+    for label, wrapper in wrapper_stacks(memory).items():
+        assert clean_temporaries(wrapper, 0) == [], label
+    with pytest.raises(ValueError):
+        clean_temporaries(memory, -1)
+
+
+def test_retrying_clean_temporaries() -> None:
+    flaky = FlakyCleaner(2, TransientError("listing cut off"), ["data/.tmp-1"])
+    backend, sleeps = retrying(flaky)
+    assert clean_temporaries(backend, HOUR) == ["data/.tmp-1"]
+    assert flaky.calls == [HOUR] * 3
+    assert len(sleeps.delays) == 2
+    # a permanent error is not retried
+    flaky = FlakyCleaner(1, PermanentError("permission denied"), [])
+    backend, sleeps = retrying(flaky)
+    with pytest.raises(PermanentError):
+        clean_temporaries(backend, HOUR)
+    assert flaky.calls == [HOUR] and sleeps.delays == []
+    # nor are more attempts made than allowed
+    flaky = FlakyCleaner(10, TransientError("down"), [])
+    backend, sleeps = retrying(flaky, attempts=3)
+    with pytest.raises(TransientError, match="clean_temporaries failed after 3 attempts: down"):
+        clean_temporaries(backend, HOUR)
+
+
+def test_counting_and_fault_injection_of_clean_temporaries() -> None:
+    flaky = FlakyCleaner(0, TransientError("unused"), ["a/.tmp-1", ".tmp-2"])
+    counting = CountingBackend(flaky)
+    assert clean_temporaries(counting, 5) == ["a/.tmp-1", ".tmp-2"]
+    assert counting.calls == {"clean_temporaries": 1}
+    faulty = FaultInjectingBackend(flaky, seed=1, rate=1.0)
+    assert clean_temporaries(faulty, 6) == ["a/.tmp-1", ".tmp-2"]  # no faults injected into it
+    assert faulty.injected == 0
+    assert flaky.calls == [5, 6]

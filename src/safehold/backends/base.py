@@ -3,10 +3,15 @@
 Objects are immutable byte strings named by relative, ``/``-separated names such as ``config``,
 ``keys/<hex>``, ``data/ab/<hex>``, ``index/<hex>``, ``snapshots/<hex>`` and ``locks/<hex>``.
 A backend knows nothing about what the objects mean.
+
+Backends that store an object by writing a temporary (``.tmp-…``) and renaming it into place
+also offer ``clean_temporaries(older_than_s: float) -> list[str]``: see
+:func:`clean_temporaries`, the helper that callers use.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -77,3 +82,47 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release connections and other resources."""
         ...
+
+
+@runtime_checkable
+class CleansTemporaries(Protocol):
+    """The optional backend method behind :func:`clean_temporaries` (not part of :class:`Backend`).
+
+    ``clean_temporaries(older_than_s)`` removes the temporaries (files whose last name component
+    starts with ``.tmp-``, anywhere under the repository) that stores interrupted by a crash
+    left behind, if their modification time as the storage reports it is more than
+    ``older_than_s`` seconds before now, and returns their names relative to the repository
+    root (e.g. ``"data/ab/.tmp-0123456789abcdef"``), in any order. It never removes an object
+    (a name that :class:`Backend` methods accept) nor a younger temporary: another client may be
+    writing it right now, so ``older_than_s`` must exceed the longest store anyone makes. A
+    temporary that disappears meanwhile (its store finished, another client cleaned it) is
+    skipped. Failures raise as the :class:`Backend` methods' do; a negative, infinite or NaN
+    ``older_than_s`` raises :class:`ValueError`. Wrappers pass it on to the backend they wrap
+    (through :func:`clean_temporaries`, so that they work whether it has the method or not).
+    """
+
+    def clean_temporaries(self, older_than_s: float) -> list[str]: ...
+
+
+def check_older_than(older_than_s: float) -> float:
+    """Return ``older_than_s`` as a float if it is a finite number >= 0, else raise ValueError."""
+    if isinstance(older_than_s, bool) or not isinstance(older_than_s, int | float):
+        raise ValueError(f"older_than_s must be a number, not {type(older_than_s).__name__}")
+    value = float(older_than_s)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"older_than_s must be finite and at least 0, not {older_than_s!r}")
+    return value
+
+
+def clean_temporaries(backend: Backend, older_than_s: float) -> list[str]:
+    """Remove the temporaries that interrupted stores left in ``backend``, older than
+    ``older_than_s`` seconds; their names (relative to the repository root).
+
+    Calls the backend's own ``clean_temporaries`` (see :class:`CleansTemporaries`) where it has
+    one, else returns ``[]`` (memory and S3 write no temporaries; the ``ssh://`` client has no
+    request for it).
+    """
+    check_older_than(older_than_s)
+    if isinstance(backend, CleansTemporaries):
+        return list(backend.clean_temporaries(older_than_s))
+    return []

@@ -4,16 +4,21 @@ Each object is a file under the root folder; the ``/`` in its name maps to sub-f
 demand. A store writes a temporary file (named ``.tmp-…``) in the target folder, fsyncs it, then
 hard-links it to its final name, which creates the name atomically only if it is absent; the
 folder is fsynced afterwards, so a stored object survives a crash.
+
+A store cut short by a crash leaves its temporary file behind (listings skip it);
+:meth:`LocalBackend.clean_temporaries` removes those older than a given age.
 """
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
 import stat as stat_module
+import time
 from collections.abc import Iterator
 
-from safehold.backends.base import ObjectInfo
+from safehold.backends.base import ObjectInfo, check_older_than
 from safehold.errors import (
     AlreadyExists,
     BackendError,
@@ -361,7 +366,10 @@ class LocalBackend:
                 tmp = None
             else:
                 if not self._publish(name, tmp, path, view):
-                    os.unlink(tmp)
+                    try:
+                        os.unlink(tmp)
+                    except FileNotFoundError:
+                        pass  # removed by clean_temporaries: the object is stored all the same
                 tmp = None
             _fsync_dir(directory)
         except OSError as e:
@@ -400,3 +408,49 @@ class LocalBackend:
 
     def close(self) -> None:
         pass
+
+    # --- beyond the protocol -------------------------------------------------------------------
+
+    def clean_temporaries(self, older_than_s: float) -> builtins.list[str]:
+        """Remove the temporary files (``.tmp-…``) of interrupted stores whose modification
+        time is more than ``older_than_s`` seconds ago; their names relative to the root.
+
+        See :class:`~safehold.backends.base.CleansTemporaries`. Only regular files (not
+        symbolic links) are removed; folders are walked as listings walk them.
+        """
+        cutoff = time.time() - check_older_than(older_than_s)
+        removed: builtins.list[str] = []
+        stack = [""]  # relative folders, each with a trailing "/" (or "" for the root)
+        while stack:
+            rel_dir = stack.pop()
+            dir_path = os.path.join(self._root, *rel_dir.split("/")[:-1])
+            try:
+                try:
+                    entries = os.scandir(dir_path)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # no repository folder (or it vanished): nothing in it
+                with entries:
+                    for entry in entries:
+                        rel = rel_dir + entry.name
+                        try:
+                            if entry.is_dir():
+                                stack.append(rel + "/")
+                                continue
+                            if not entry.name.startswith(TMP_PREFIX):
+                                continue
+                            if not entry.is_file(follow_symlinks=False):
+                                continue
+                            if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                                continue  # young: its store may still be under way
+                        except FileNotFoundError:
+                            continue  # gone while we looked
+                        try:
+                            os.unlink(entry.path)
+                        except FileNotFoundError:
+                            continue  # published or removed meanwhile
+                        except OSError as e:
+                            raise self._error(e, "remove", rel, entry.path) from e
+                        removed.append(rel)
+            except OSError as e:
+                raise self._error(e, "list", rel_dir, dir_path) from e
+        return removed

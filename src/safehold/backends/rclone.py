@@ -38,12 +38,18 @@ the move can race. That is safe because the names safehold creates without ``ove
 content-addressed (the same name always means the same bytes) or random; ``overwrite=True`` is
 only for lock objects. rclone moves over an existing object by deleting it first, so on remotes
 that rename, a lock being refreshed is briefly absent.
+
+A store cut short (safehold or the daemon killed, the remote unreachable) can leave its
+temporary behind (or, with rclone versions that upload to ``<name>.<hash>.partial`` first, that
+file, whose name starts with ``.tmp-`` too). :meth:`RcloneBackend.clean_temporaries` lists
+them with the modification times the remote reports and deletes those older than a given age.
 """
 
 from __future__ import annotations
 
 import atexit
 import base64
+import builtins
 import collections
 import concurrent.futures
 import ctypes
@@ -61,10 +67,11 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from safehold.backends.base import Backend, ObjectInfo
+from safehold.backends.base import Backend, ObjectInfo, check_older_than
 from safehold.backends.local import TMP_PREFIX, byte_view, check_name, check_prefix, check_range
 from safehold.errors import (
     AlreadyExists,
@@ -672,50 +679,7 @@ class RcloneBackend:
         return self._list(prefix)
 
     def _list(self, prefix: str) -> Iterator[ObjectInfo]:
-        folder = prefix[: prefix.rfind("/") + 1].rstrip("/")
-        # Some remotes skip what they cannot read (local: an unreadable folder) and only count
-        # an error in the call's statistics: read them, so a partial listing is never taken
-        # for a complete one.
-        group = "safehold-list-" + secrets.token_hex(8)
-        params = {
-            "fs": self.fs,
-            "remote": folder,
-            "opt": {"recurse": True, "filesOnly": True, "noModTime": True, "noMimeType": True},
-            "_group": group,
-        }
-        try:
-            status, _, data = self._request(
-                "list",
-                "",
-                "POST",
-                "/operations/list",
-                headers={"Content-Type": "application/json"},
-                body=[json.dumps(params).encode()],
-            )
-            stats = self._rc("list", "", "core/stats", {"group": group})
-        finally:
-            try:
-                self._rc("list", "", "core/stats-delete", {"group": group})
-            except BackendError:
-                pass
-        if status == 404:
-            return  # no such folder: nothing in it
-        answer = _json(data)
-        if status != 200 or not isinstance(answer, dict):
-            if folder and self._is_object(folder):
-                return  # "config/": the "folder" is an object, so nothing is in it
-            raise self._error(status, data, "list", "")
-        if stats.get("errors"):
-            error = _one_line(stats.get("lastError") or "an error")
-            raise self._error(
-                500, json.dumps({"error": f"incomplete listing: {error}"}).encode(), "list", ""
-            )
-        entries = answer.get("list")
-        if not isinstance(entries, list):
-            raise TransientError(f"cannot list {self._where(folder)}: malformed answer")
-        for entry in entries:
-            if not isinstance(entry, dict) or entry.get("IsDir"):
-                continue
+        for entry in self._list_files(prefix[: prefix.rfind("/") + 1].rstrip("/"), "list"):
             name = str(entry.get("Path", ""))
             if not name.startswith(prefix):
                 continue
@@ -724,6 +688,58 @@ class RcloneBackend:
             except ValueError:
                 continue  # not an object of ours (temporary files and the like)
             yield ObjectInfo(name, int(entry.get("Size", 0)))
+
+    def _list_files(
+        self, folder: str, op: str, *, mod_times: bool = False
+    ) -> builtins.list[dict[str, Any]]:
+        """rclone's entries (``Path``, ``Size``, ``ModTime``, …) of every file under ``folder``
+        ("" for all): one recursive ``operations/list``. Raises if the listing is incomplete."""
+        # Some remotes skip what they cannot read (local: an unreadable folder) and only count
+        # an error in the call's statistics: read them, so a partial listing is never taken
+        # for a complete one.
+        group = "safehold-list-" + secrets.token_hex(8)
+        params = {
+            "fs": self.fs,
+            "remote": folder,
+            "opt": {
+                "recurse": True,
+                "filesOnly": True,
+                "noModTime": not mod_times,
+                "noMimeType": True,
+            },
+            "_group": group,
+        }
+        try:
+            status, _, data = self._request(
+                op,
+                "",
+                "POST",
+                "/operations/list",
+                headers={"Content-Type": "application/json"},
+                body=[json.dumps(params).encode()],
+            )
+            stats = self._rc(op, "", "core/stats", {"group": group})
+        finally:
+            try:
+                self._rc(op, "", "core/stats-delete", {"group": group})
+            except BackendError:
+                pass
+        if status == 404:
+            return []  # no such folder: nothing in it
+        answer = _json(data)
+        if status != 200 or not isinstance(answer, dict):
+            if folder and self._is_object(folder):
+                return []  # "config/": the "folder" is an object, so nothing is in it
+            raise self._error(status, data, op, "")
+        if stats.get("errors"):
+            error = _one_line(stats.get("lastError") or "an error")
+            raise self._error(
+                500, json.dumps({"error": f"incomplete listing: {error}"}).encode(), op, ""
+            )
+        entries = answer.get("list")
+        if not isinstance(entries, list):
+            raise TransientError(f"cannot {op} {self._where(folder)}: malformed answer")
+        return [e for e in entries if isinstance(e, dict) and not e.get("IsDir")]
 
     def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         check_name(name)
@@ -771,6 +787,44 @@ class RcloneBackend:
             daemon, self._daemon = self._daemon, None
         if daemon is not None:
             daemon.stop()
+
+    # --- beyond the protocol -------------------------------------------------------------------
+
+    def clean_temporaries(self, older_than_s: float) -> builtins.list[str]:
+        """Remove the temporaries (``.tmp-…``) of interrupted stores whose modification time,
+        as the remote reports it, is more than ``older_than_s`` seconds before now (this
+        machine's clock); their names relative to the repository path.
+
+        See :class:`~safehold.backends.base.CleansTemporaries`. A temporary whose time the
+        remote does not give (or gives in a form not understood) is left alone.
+        """
+        cutoff = time.time() - check_older_than(older_than_s)
+        removed: builtins.list[str] = []
+        for entry in self._list_files("", "clean", mod_times=True):
+            name = str(entry.get("Path", ""))
+            if not name.rpartition("/")[2].startswith(TMP_PREFIX):
+                continue
+            mtime = _mod_time(entry.get("ModTime"))
+            if mtime is None or mtime >= cutoff:
+                continue  # young (its store may still be under way), or of unknown age
+            try:
+                self._rc("remove", name, "operations/deletefile", {"fs": self.fs, "remote": name})
+            except NotFound:
+                continue  # moved into place or removed meanwhile
+            removed.append(name)
+        return removed
+
+
+def _mod_time(value: object) -> float | None:
+    """A ``ModTime`` of rclone's listings (RFC 3339, e.g. ``2024-05-01T10:00:00.123456789Z``)
+    as a POSIX timestamp; None if there is none or it has no time zone."""
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return when.timestamp() if when.tzinfo is not None else None
 
 
 def _json(data: bytes) -> Any:

@@ -19,6 +19,10 @@ retried store is harmless; other content: AlreadyExists). ``overwrite=True`` use
 falls back to check-then-rename, which two concurrent stores of one name can race; harmless for
 content-addressed names, as with LocalBackend's same fallback.)
 
+A store cut short (the client killed, the connection lost) leaves its ``.tmp-…`` file on the
+server; :meth:`SFTPBackend.clean_temporaries` removes those whose modification time, as the
+server reports it, is older than a given age.
+
 One SSH connection carries up to ``max_sessions`` SFTP sessions (one per concurrent caller).
 A connection that drops or stops answering is closed; the call that noticed raises
 TransientError (so RetryingBackend tries again) and the next call connects anew.
@@ -40,6 +44,7 @@ import posixpath
 import socket
 import stat as stat_module
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -81,7 +86,7 @@ from paramiko.sftp import (
     int64,
 )
 
-from safehold.backends.base import Backend, ObjectInfo
+from safehold.backends.base import Backend, ObjectInfo, check_older_than
 from safehold.backends.local import TMP_PREFIX, byte_view, check_name, check_prefix, check_range
 from safehold.errors import (
     AlreadyExists,
@@ -276,6 +281,11 @@ def _new_file_attrs(mode: int) -> paramiko.SFTPAttributes:
 
 def _is_regular(attrs: paramiko.SFTPAttributes) -> bool:
     return attrs.st_mode is None or stat_module.S_ISREG(attrs.st_mode)
+
+
+def _is_regular_file(attrs: paramiko.SFTPAttributes) -> bool:
+    """A regular file, known to be one (unlike :func:`_is_regular`, which trusts a missing mode)."""
+    return attrs.st_mode is not None and stat_module.S_ISREG(attrs.st_mode)
 
 
 def _is_dir(attrs: paramiko.SFTPAttributes) -> bool:
@@ -889,8 +899,17 @@ class SFTPBackend:
         check_prefix(prefix)
         return iter(self._run("list", prefix, lambda s: self._walk(s, prefix)))
 
-    def _walk(self, session: _Session, prefix: str) -> builtins.list[ObjectInfo]:
-        """Every object under ``prefix``: folders are read ``DIR_WINDOW`` at a time."""
+    def _walk(
+        self,
+        session: _Session,
+        prefix: str,
+        temporaries: builtins.list[tuple[str, int | None]] | None = None,
+    ) -> builtins.list[ObjectInfo]:
+        """Every object under ``prefix``: folders are read ``DIR_WINDOW`` at a time.
+
+        With ``temporaries``, the temporary files found on the way are added to it as
+        ``(name, modification time)``.
+        """
         cut = prefix.rfind("/") + 1
         root = self._root or "/"
         found: builtins.list[ObjectInfo] = []
@@ -925,7 +944,7 @@ class SFTPBackend:
                 if step == "open" and kind == CMD_HANDLE:
                     handle = bytes(msg.get_binary())
                 elif step == "read" and kind == CMD_NAME:
-                    self._entries(msg, rel, start, waiting, found)
+                    self._entries(msg, rel, start, waiting, found, temporaries)
                 else:
                     raise _ProtocolError(f"unexpected answer type {kind} while listing")
                 if error is None:
@@ -943,6 +962,7 @@ class SFTPBackend:
         start: str,
         waiting: deque[tuple[str, str]],
         found: builtins.list[ObjectInfo],
+        temporaries: builtins.list[tuple[str, int | None]] | None = None,
     ) -> None:
         for _ in range(msg.get_int()):
             raw = msg.get_string()
@@ -958,7 +978,11 @@ class SFTPBackend:
             if _is_dir(attrs):
                 waiting.append((name + "/", ""))
                 continue
-            if entry.startswith(TMP_PREFIX) or attrs.st_mode is None:
+            if entry.startswith(TMP_PREFIX):
+                if temporaries is not None and _is_regular_file(attrs):
+                    temporaries.append((name, attrs.st_mtime))
+                continue
+            if attrs.st_mode is None:
                 continue
             if not stat_module.S_ISREG(attrs.st_mode):
                 continue
@@ -1094,6 +1118,37 @@ class SFTPBackend:
             conn = self._conn
             if conn is not None:
                 self._drop_locked(conn)
+
+    # --- beyond the protocol -------------------------------------------------------------------
+
+    def clean_temporaries(self, older_than_s: float) -> builtins.list[str]:
+        """Remove the temporary files (``.tmp-…``) of interrupted stores whose modification
+        time, as the server reports it, is more than ``older_than_s`` seconds before now (this
+        machine's clock); their names relative to the repository folder.
+
+        See :class:`~safehold.backends.base.CleansTemporaries`. A temporary without a
+        modification time (a server that sends none) is left alone.
+        """
+        cutoff = time.time() - check_older_than(older_than_s)
+
+        def clean(session: _Session) -> builtins.list[str]:
+            temporaries: builtins.list[tuple[str, int | None]] = []
+            self._walk(session, "", temporaries)
+            removed: builtins.list[str] = []
+            for name, mtime in temporaries:
+                if mtime is None or mtime >= cutoff:
+                    continue  # young (its store may still be under way), or of unknown age
+                path = self._object_path(name)
+                try:
+                    session.status(CMD_REMOVE, path)
+                except _Status as e:
+                    if e.code == SFTP_NO_SUCH_FILE:
+                        continue  # published or removed meanwhile
+                    raise self._status_error(e, "remove", name, path) from e
+                removed.append(name)
+            return removed
+
+        return self._run("clean", "", clean)
 
 
 # --- opening from a URL --------------------------------------------------------------------------

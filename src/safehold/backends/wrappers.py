@@ -1,4 +1,8 @@
-"""Backends that wrap another backend: retrying, fault injection (for tests) and counting."""
+"""Backends that wrap another backend: retrying, fault injection (for tests) and counting.
+
+Each also passes ``clean_temporaries`` (see :func:`safehold.backends.base.clean_temporaries`)
+on to the backend it wraps: it returns ``[]`` when that one has none.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from safehold.backends.base import Backend, ObjectInfo
+from safehold.backends.base import Backend, ObjectInfo, clean_temporaries
 from safehold.errors import NotFound, PermanentError, TransientError
 
 T = TypeVar("T")
@@ -154,6 +158,13 @@ class RetryingBackend:
 
     def close(self) -> None:
         self.inner.close()
+
+    def clean_temporaries(self, older_than_s: float) -> builtins.list[str]:
+        """The inner backend's, retried like the other calls (a temporary an attempt that
+        failed part-way removed is not in the names returned)."""
+        return self._call(
+            "clean_temporaries", "", lambda: clean_temporaries(self.inner, older_than_s)
+        )
 
 
 # --- fault injection -----------------------------------------------------------------------------
@@ -367,6 +378,10 @@ class FaultInjectingBackend:
     def close(self) -> None:
         self.inner.close()
 
+    def clean_temporaries(self, older_than_s: float) -> builtins.list[str]:
+        """Passed on to the inner backend (no faults are injected into it)."""
+        return clean_temporaries(self.inner, older_than_s)
+
 
 # --- counting ------------------------------------------------------------------------------------
 
@@ -379,9 +394,10 @@ class CountingBackend:
     """Counts calls per op and bytes stored and loaded; for tests and benchmarks. Thread-safe.
 
     ``calls[op]`` counts calls (successful or not) of ``list``, ``load``, ``store``, ``delete``,
-    ``stat``, ``create``; ``bytes["store"]`` and ``bytes["load"]`` count the bytes of successful
-    stores and loads; ``stored_objects`` and ``stored_bytes`` break successful stores down by
-    top-level folder (``"data"``, ``"index"``, … and ``""`` for names with no folder).
+    ``stat``, ``create``, ``clean_temporaries``; ``bytes["store"]`` and ``bytes["load"]`` count
+    the bytes of successful stores and loads; ``stored_objects`` and ``stored_bytes`` break
+    successful stores down by top-level folder (``"data"``, ``"index"``, … and ``""`` for names
+    with no folder).
     """
 
     def __init__(self, inner: Backend) -> None:
@@ -469,6 +485,10 @@ class CountingBackend:
     def close(self) -> None:
         self.inner.close()
 
+    def clean_temporaries(self, older_than_s: float) -> builtins.list[str]:
+        self._count("clean_temporaries")
+        return clean_temporaries(self.inner, older_than_s)
+
 
 class KillingBackend:
     """For crash tests: the process kills itself with SIGKILL right after its ``after``-th
@@ -514,3 +534,7 @@ class KillingBackend:
 
     def close(self) -> None:
         self._inner.close()
+
+    def clean_temporaries(self, older_than_s: float) -> builtins.list[str]:
+        """Passed on (removing temporaries does not count as a write)."""
+        return clean_temporaries(self._inner, older_than_s)
