@@ -88,8 +88,6 @@ class VirtualClock(Clock):
 class SimBackend:
     """One task's view of the shared memory backend: every call is a scheduling point."""
 
-    consistent_listing = True
-
     def __init__(self, sim: Sim, task: str) -> None:
         self.sim = sim
         self.task = task

@@ -153,6 +153,10 @@ def _fsync_dir(path: str) -> None:
 class LocalBackend:
     """Objects stored as files under ``root``."""
 
+    consistent_listing = (
+        True  # one file system: a listing shows every object stored before it began
+    )
+
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self._root = os.path.abspath(os.fspath(root))
         self._hardlinks = True

@@ -416,6 +416,8 @@ class _Daemon:
 class RcloneBackend:
     """Objects on the rclone remote ``fs`` (``REMOTE:PATH``); see the module's description."""
 
+    consistent_listing = False  # many remotes list with a lag (prune then waits a grace period)
+
     def __init__(self, fs: str, *, binary: str | None = None, config: str | None = None) -> None:
         if not fs or any(ord(c) < 0x20 or ord(c) == 0x7F for c in fs):
             raise ValueError(f"invalid rclone remote {fs!r}")

@@ -216,6 +216,8 @@ def _check_append_only(action: str, name: Any) -> None:
 class RemoteBackend:
     """A Backend that talks to ``safehold serve`` through a command (normally ssh)."""
 
+    consistent_listing = True  # the server lists its own file system
+
     def __init__(self, url: str, command: list[str], path: str) -> None:
         self.url = url
         self._command = command

@@ -137,6 +137,8 @@ def _client_error(e: bce.ClientError) -> tuple[str, int, str]:
 class S3Backend:
     """Objects in an S3 bucket under ``prefix``; see the module's description."""
 
+    consistent_listing = True  # S3 lists strongly consistently (AWS since 2020, MinIO, Ceph)
+
     def __init__(
         self,
         bucket: str,

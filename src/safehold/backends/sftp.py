@@ -322,6 +322,10 @@ class SFTPBackend:
     the OpenSSH client configuration to honour (None: none).
     """
 
+    consistent_listing = (
+        True  # one file system on the server: a listing shows every object stored before it
+    )
+
     def __init__(
         self,
         host: str,

@@ -24,7 +24,7 @@ from safehold.errors import (
     UsageError,
 )
 from safehold.events import Event, EventSink, ignore_events
-from safehold.format.index import IndexedPack, IndexFile
+from safehold.format.index import IndexedPack
 from safehold.format.pack import (
     HEADER_NONCE,
     PACK_PREFIX_LEN,
@@ -160,24 +160,18 @@ def check(
             res.errors.append(msg)
         events(Event("damage", msg))
 
-    # 1. plans, then index objects, read from storage (never the cache). Plans first: a plan
-    # that finishes meanwhile deletes its superseded index objects before itself, so no index
-    # object is read as live whose plan was missed
-    plans, bad_plans = repo.load_plans()
-    for name, err in sorted(bad_plans.items()):
-        damage(f"plan {name_to_id(name)[:16]}: {err}")
-    files: dict[str, IndexFile] = {}
-    for iid in repo.list_ids("index/"):
-        try:
-            files[iid] = repo.read_index_file(iid, use_cache=False)
-        except NotFound:
-            continue  # deleted since it was listed (a prune finished)
-        except SafeholdError as e:
-            damage(f"index {iid[:16]}: {e}")
+    # 1. plans, then index objects, read from storage (never the cache): the master index
+    # loads them in that order (a plan that finishes meanwhile deletes its superseded index
+    # objects before itself, so no index object is read as live whose plan was missed)
+    state = repo.reload_index(use_cache=False).state
+    plans, files = state.plan_files, state.files
+    for name, err in sorted(state.unreadable.items()):
+        kind = "plan" if name.startswith("plans/") else "index"
+        damage(f"{kind} {name_to_id(name)[:16]}: {err}")
     # authoritative: the index objects a present plan replaces (a bare `supersedes` claim in an
     # index object is not enough: prune stores its index before its plan, and claims can be
     # forged). Their packs are condemned unless another index object lists them.
-    superseded = {s.hex() for p in plans.values() for s in p.superseded} & set(files)
+    superseded = state.superseded
     listings: dict[str, list[tuple[str, IndexedPack]]] = {}  # pack id -> every listing
     live: set[str] = set()  # packs listed by an index object that is not superseded
     holders: dict[bytes, set[str]] = {}  # blob id -> every pack said to hold it
@@ -189,7 +183,6 @@ def check(
                 live.add(pid)
             for b in p.blobs:
                 holders.setdefault(b.id, set()).add(pid)
-    repo.reload_index()
     events(Event("info", f"{len(files)} index objects, {len(live)} packs indexed"))
 
     # 2. live packs present; every present pack with the size its index objects give

@@ -42,37 +42,18 @@ TEMPORARY_AGE_S = 86400.0
 """Temporaries of interrupted stores older than this are removed."""
 
 
-_CONSISTENT = frozenset(
-    {
-        "safehold.backends.local.LocalBackend",
-        "safehold.backends.memory.MemoryBackend",
-        "safehold.backends.sftp.SFTPBackend",
-        "safehold.backends.s3.S3Backend",
-        "safehold.backends.remote.RemoteBackend",
-    }
-)
-"""Backends whose listing shows every object stored before it began: a local disk, SFTP and
-``safehold serve`` (one file system), S3 (strongly consistent listings). rclone remotes may lag."""
-
-
 def listings_consistent(backend: Backend) -> bool:
-    """Whether the backend (through any wrappers) lists consistently. Where it may not, prune
-    waits a grace period as well as for the locks."""
-    seen: set[int] = set()
+    """Whether a listing shows every object stored before it began: a backend (or what a
+    wrapper wraps, through ``inner``) says so with ``consistent_listing``. Where it may not, as
+    on many rclone remotes, prune waits a grace period as well as for the locks."""
     b: object = backend
-    while id(b) not in seen:
-        seen.add(id(b))
-        flag = b.__dict__.get("consistent_listing") if hasattr(b, "__dict__") else None
-        if flag is None:
-            flag = getattr(type(b), "consistent_listing", None)
+    for _ in range(16):  # wrappers nest a few deep at most
+        flag = getattr(b, "consistent_listing", None)
         if isinstance(flag, bool):
             return flag
-        if f"{type(b).__module__}.{type(b).__qualname__}" in _CONSISTENT:
-            return True
-        inner = getattr(b, "inner", None) or getattr(b, "_inner", None)
-        if inner is None:
-            return False
-        b = inner
+        b = getattr(b, "inner", None)
+        if b is None:
+            break
     return False
 
 
@@ -182,7 +163,7 @@ def plan_prune(repo: Repository, opts: PruneOptions) -> PrunePlan:
     snapshots = repo.snapshots()
     index = repo.reload_index()
     _refuse_if_unreadable(repo)
-    plans, _ = repo.load_plans()
+    plans = index.state.plan_files
     referenced = referenced_blobs(repo, snapshots)
     live = index.packs()
     stored, stray = _stored_packs(repo)
@@ -378,13 +359,7 @@ def _finish(
     snapshots = repo.snapshots()
     index = repo.reload_index()
     _refuse_if_unreadable(repo)
-    files: dict[str, IndexFile] = {}
-    for iid in sorted(index.state.index_ids):
-        try:
-            files[iid] = repo.read_index_file(iid)
-        except NotFound:
-            continue
-    plans, _ = repo.load_plans()
+    files, plans = index.state.files, index.state.plan_files
     referenced = referenced_blobs(repo, snapshots)
     stored, _ = _stored_packs(repo)
     superseded = {s.hex() for s in plan.superseded}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from safehold.format.index import IndexedPack
+from safehold.format.index import IndexedPack, IndexFile
 from safehold.format.pack import PackEntry
+from safehold.format.plan import PlanFile
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,8 @@ class IndexState:
     claimed: set[str] = field(default_factory=set)
     plans: set[str] = field(default_factory=set)
     unreadable: dict[str, str] = field(default_factory=dict)  # index or plan name -> error
+    files: dict[str, IndexFile] = field(default_factory=dict)  # the readable index objects
+    plan_files: dict[str, PlanFile] = field(default_factory=dict)  # the readable plans
 
 
 class MasterIndex:

@@ -19,6 +19,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -126,12 +127,10 @@ class LockInfo:
         return op in MAINTENANCE_OPS and self.op in MAINTENANCE_OPS
 
     def describe(self) -> str:
-        import time as _time
-
         kind = "exclusive" if self.exclusive else "shared"
         if self.op:
             kind += f" {self.op}"
-        when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(self.time))
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.time))
         return (
             f"{kind} lock {self.lock_id[:8]} by {self.user}@{self.host} pid {self.pid} since {when}"
         )

@@ -233,9 +233,10 @@ class Repository:
                 self._index = self._load_index()
             return self._index
 
-    def reload_index(self) -> MasterIndex:
+    def reload_index(self, *, use_cache: bool = True) -> MasterIndex:
+        """Load the index afresh; ``use_cache=False`` reads every index object from storage."""
         with self._index_lock:
-            self._index = self._load_index()
+            self._index = self._load_index(use_cache)
             return self._index
 
     def list_ids(self, prefix: str) -> list[str]:
@@ -273,21 +274,24 @@ class Repository:
                 bad[plan_name(pid)] = str(e)
         return plans, bad
 
-    def _read_index_or_error(self, index_id: str) -> IndexFile | SafeholdError | None:
-        try:
-            return self.read_index_file(index_id)
-        except NotFound:
-            return None  # deleted since it was listed
-        except SafeholdError as e:
-            return e
-
-    def _load_index(self) -> MasterIndex:
-        ids = self.list_ids("index/")
+    def _load_index(self, use_cache: bool = True) -> MasterIndex:
+        # plans first: a finishing plan deletes its superseded index objects before itself, so
+        # an index object read after the plans were listed is never taken as live by mistake
         plans, bad_plans = self.load_plans()
+        ids = self.list_ids("index/")
         index = MasterIndex()
-        state = IndexState(unreadable=dict(bad_plans), plans=set(plans))
-        files: dict[str, IndexFile] = {}
-        for index_id, got in zip(ids, self._map(self._read_index_or_error, ids)):
+        state = IndexState(unreadable=dict(bad_plans), plans=set(plans), plan_files=plans)
+
+        def read(index_id: str) -> IndexFile | SafeholdError | None:
+            try:
+                return self.read_index_file(index_id, use_cache=use_cache)
+            except NotFound:
+                return None  # deleted since it was listed
+            except SafeholdError as e:
+                return e
+
+        files = state.files
+        for index_id, got in zip(ids, self._map(read, ids)):
             if isinstance(got, IndexFile):
                 files[index_id] = got
             elif got is not None:
