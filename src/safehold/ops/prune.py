@@ -316,12 +316,25 @@ def _why_waiting(
 
 def finish_plans(
     repo: Repository,
-    lock: RepositoryLock,
+    lock: RepositoryLock | None = None,
     *,
     grace_s: float = 0.0,
     events: EventSink = ignore_events,
 ) -> PruneResult:
-    """Phase 2: delete what due plans condemned, after re-deriving that nothing needs it."""
+    """Phase 2: delete what due plans condemned, after re-deriving that nothing needs it.
+    ``lock`` is a held prune lock (one is taken, and released, if not given)."""
+    if lock is None:
+        held = repo.lock(op="prune")
+        try:
+            return _finish_plans(repo, held, grace_s, events)
+        finally:
+            held.release()
+    return _finish_plans(repo, lock, grace_s, events)
+
+
+def _finish_plans(
+    repo: Repository, lock: RepositoryLock, grace_s: float, events: EventSink
+) -> PruneResult:
     res = PruneResult()
     plans, bad = repo.load_plans()
     for name, err in sorted(bad.items()):
