@@ -199,3 +199,46 @@ def test_plan_waits_for_the_locks_it_saw_even_with_a_clock_ahead(
         lock.release()
     _, res = prune(repo, PruneOptions(max_unused=0.0, grace_s=0))
     assert len(res.plans_finished) == 1 and res.deleted_packs > 0
+
+
+def test_a_used_blob_in_any_present_condemned_pack_revives_it(
+    repo: Repository, tmp_path: Path
+) -> None:
+    """A blob a new snapshot uses is held by two condemned packs, and the one the index would
+    read is gone: prune revives the other (from its own header) instead of refusing with
+    "blobs ... in no pack"."""
+    from safehold.compress import Compression
+    from safehold.ids import BlobType, pack_name
+
+    src = _src(tmp_path, "s", 300_000)
+    old = backup(repo, BackupOptions(paths=[str(src)])).snapshot
+    assert old is not None
+    index = repo.reload_index()
+    blobs = [b for p in index.packs() for b in p.blobs if b.type == BlobType.DATA]
+    session = repo.write_session()  # a second copy of the file's blobs, in a pack of its own
+    for e in blobs:
+        loc = index.lookup(e.id)
+        assert loc is not None
+        for _, data in repo.read_pack_blobs(loc.pack_id, [loc.entry]):
+            session.add_blob(BlobType.DATA, data, Compression("none"), e.id, dedup=False)
+    session.flush()
+    forget(repo, plan_forget(repo, ForgetOptions(snapshots=[old.id])))
+    # another client's backup loaded the index before the prune condemned both copies
+    other = Repository.open(repo.backend, PASSWORD.encode())
+    other_lock = other.lock()
+    _ = other.index
+    other.reload_index = lambda: other.index  # type: ignore[method-assign]
+    _, res = prune(repo, PruneOptions(max_unused=0.0, grace_s=3600))
+    assert res.plans_waiting == 1 and res.condemned_packs >= 3
+    new = backup(other, BackupOptions(paths=[str(src)]), lock=other_lock).snapshot
+    other_lock.release()
+    assert new is not None
+    # the copy the index reads from is lost (as if an earlier deletion had taken it)
+    first = repo.reload_index().lookup(blobs[0].id)
+    assert first is not None
+    repo.backend.delete(pack_name(first.pack_id.hex()))
+    _, res = prune(repo, PruneOptions(max_unused=1.0, grace_s=3600))  # refused before
+    fresh = Repository.open(repo.backend, PASSWORD.encode())
+    assert fresh.reload_index().is_live(blobs[0].id)  # revived: listed by the new index
+    got = b"".join(bytes(fresh.read_blob(e.id)) for e in blobs)
+    assert got == (src / "f.bin").read_bytes()

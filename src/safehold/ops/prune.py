@@ -156,6 +156,36 @@ def _refuse_if_unreadable(repo: Repository) -> None:
         )
 
 
+def _revive(
+    repo: Repository, wanted: set[bytes], stored: dict[str, int], used_in: dict[bytes, bytes]
+) -> dict[bytes, IndexedPack]:
+    """Packs in storage, listed only by superseded index objects, that hold ``wanted`` blobs
+    (a backup reused them while a plan waited), as their own headers describe them; notes in
+    ``used_in`` where each blob found is kept."""
+    revived: dict[bytes, IndexedPack] = {}
+    state = repo.index.state
+    for iid in sorted(state.superseded):
+        for p in state.files[iid].packs:
+            if not wanted:
+                return revived
+            pid = p.pack_id.hex()
+            if pid not in stored or p.pack_id in revived:
+                continue
+            if not any(e.id in wanted for e in p.blobs):
+                continue
+            try:
+                own = repo.read_pack_index(pid)  # the header, not a listing that may be forged
+            except SafeholdError:
+                continue
+            found = {e.id for e in own.blobs} & wanted
+            if found:
+                revived[p.pack_id] = own
+                wanted -= found
+                for b in found:
+                    used_in[b] = p.pack_id
+    return revived
+
+
 def plan_prune(repo: Repository, opts: PruneOptions) -> PrunePlan:
     """Decide what prune does; reads only."""
     # snapshots first, then the index: a backup stores its index objects before its snapshot,
@@ -176,15 +206,7 @@ def plan_prune(repo: Repository, opts: PruneOptions) -> PrunePlan:
                 used_in[b.id] = p.pack_id
     # a blob found only in a pack an earlier plan condemned (a backup reused it while the plan
     # waited): that pack is live again, listed by the new index
-    revived: dict[bytes, IndexedPack] = {}
-    for blob in referenced:
-        if blob not in used_in:
-            loc = index.lookup(blob)
-            if loc is not None and loc.pack_id.hex() in stored:
-                pack = index.pack(loc.pack_id)
-                if pack is not None:
-                    revived[loc.pack_id] = pack
-                    used_in[blob] = loc.pack_id
+    revived = _revive(repo, {b for b in referenced if b not in used_in}, stored, used_in)
     keep, partial, condemn = list(revived.values()), [], []
     used_total = 0
     for p in live:
@@ -263,8 +285,13 @@ def execute_prune(
             "before prune (nothing was changed)"
         )
     res = PruneResult()
+    if plan.revived:
+        # packs an earlier plan condemned that snapshots use after all: listed by an index
+        # object of their own, which no plan supersedes, they are live again at once
+        repo.store_index(IndexFile(plan.revived))
+        events(Event("info", f"kept {len(plan.revived)} condemned packs that snapshots use"))
     if not plan.condemn:
-        return res  # nothing to do: no plan object
+        return res  # nothing to condemn: no plan object
     session = repo.write_session(index_flush_packs=1 << 30, index_flush_seconds=1e9)
     for p in plan.repack:
         wanted = [b for b in p.blobs if plan.used_in.get(b.id) == p.pack_id]
