@@ -67,5 +67,10 @@ def test_prune_cli(cli: Cli, tmp_path: Path) -> None:
     assert list((cli.repo / "plans").iterdir()).__len__() == 1  # no plan for nothing to do
     done = cli.ok("prune").out
     assert "finished 1 earlier plans" in done and "deleted 2 packs" in done, done
+    # a plan made and carried out in one run is not an "earlier" one
+    (src / "big").write_bytes(os.urandom(400_000))
+    cli.ok("backup", str(src))
+    now = cli.ok("forget", "--keep-last", "1", "--prune").out
+    assert "deleted at once" in now and "earlier" not in now, now
     r = cli("prune", "--max-unused", "lots")
     assert r.code == 2 and "max-unused" in r.err

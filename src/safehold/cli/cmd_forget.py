@@ -197,15 +197,17 @@ def cmd_prune(ctx: Context) -> int:
         )
         ctx.out("dry run: nothing was changed")
         return EXIT_OK
-    if res.plans_finished:
-        ctx.out(f"finished {len(res.plans_finished)} earlier plans")
+    earlier = [p for p in res.plans_finished if p != res.plan_id]
+    if earlier:
+        ctx.out(f"finished {len(earlier)} earlier plans")
     if res.plan_id:
+        done = "; deleted at once" if res.plan_id in res.plans_finished else ""
         ctx.out(
             f"condemned {res.condemned_packs} packs ({format_size(res.condemned_bytes)})"
             + (f", rewrote {res.repacked_blobs} blobs" if res.repacked_blobs else "")
-            + f" (plan {res.plan_id[:8]})"
+            + f" (plan {res.plan_id[:8]}{done})"
         )
-    elif not res.plans_finished:
+    elif not earlier:
         ctx.out("nothing to prune")
     ctx.out(f"deleted {res.deleted_packs} packs, freed {format_size(res.deleted_bytes)}")
     if res.rescued_packs:
