@@ -242,3 +242,69 @@ def test_a_used_blob_in_any_present_condemned_pack_revives_it(
     assert fresh.reload_index().is_live(blobs[0].id)  # revived: listed by the new index
     got = b"".join(bytes(fresh.read_blob(e.id)) for e in blobs)
     assert got == (src / "f.bin").read_bytes()
+
+
+def _two_snapshots(repo: Repository, tmp_path: Path) -> Path:
+    src = _src(tmp_path, "s", 400_000)
+    backup(repo, BackupOptions(paths=[str(src)]))
+    (src / "g.bin").write_bytes(os.urandom(300_000))
+    backup(repo, BackupOptions(paths=[str(src)]))
+    return src
+
+
+def _all_restore(repo: Repository, src: Path) -> None:
+    fresh = Repository.open(repo.backend, PASSWORD.encode())
+    assert check(fresh, CheckOptions(read_data=True)).ok
+    latest = fresh.find_snapshot("latest")
+    from tests.test_check_damage import iter_files
+
+    got = {p.rsplit("/", 1)[1]: n for p, n in iter_files(fresh, latest.tree)}
+    for name in ("f.bin", "g.bin"):
+        data = b"".join(bytes(fresh.read_blob(c)) for c in got[name].content or [])
+        assert data == (src / name).read_bytes()
+
+
+def test_attack_an_index_claiming_to_supersede_everything(repo: Repository, tmp_path: Path) -> None:
+    """What a client behind serve --append-only may store: an index object that claims to
+    replace every other and lists nothing. The owner's prunes delete nothing in use."""
+    from safehold.format.index import IndexFile
+
+    src = _two_snapshots(repo, tmp_path)
+    claims = [bytes.fromhex(i) for i in repo.list_ids("index/")]
+    repo.store_index(IndexFile([], claims))
+    for _ in range(2):
+        _, res = prune(repo, PruneOptions(max_unused=0.0))
+        assert res.deleted_packs == 0
+    _all_restore(repo, src)
+
+
+def test_attack_an_index_pointing_every_blob_at_the_wrong_pack(
+    repo: Repository, tmp_path: Path
+) -> None:
+    """An index object (storable by an append-only client) that says one real pack holds every
+    blob. Prune fails closed and deletes nothing; check --read-data names the forged index;
+    repair index rebuilds the index from the packs' own headers; then all is well. (Reading
+    past a forged entry to another copy is the damage issue's.)"""
+    from safehold.errors import SafeholdError
+    from safehold.format.index import IndexedPack, IndexFile
+    from safehold.ops.repair import repair_index
+
+    src = _two_snapshots(repo, tmp_path)
+    index = repo.reload_index()
+    packs = index.packs()
+    every = [b for p in packs for b in p.blobs]
+    victim = max(packs, key=lambda p: p.size)
+    forged = IndexFile([IndexedPack(victim.pack_id, victim.size, victim.sealed_key, every)])
+    forged_id = repo.store_index(forged)
+    stored = sorted(i.name for i in repo.backend.list("data/"))
+    for _ in range(2):
+        try:
+            prune(repo, PruneOptions(max_unused=0.0))
+        except SafeholdError:
+            pass  # refusing is fine; deleting is not
+        assert sorted(i.name for i in repo.backend.list("data/")) == stored
+    res = check(Repository.open(repo.backend, PASSWORD.encode()), CheckOptions(read_data=True))
+    assert any(forged_id[:16] in e for e in res.errors), res.errors
+    repair_index(repo)
+    prune(repo, PruneOptions(max_unused=0.0))
+    _all_restore(repo, src)
