@@ -184,7 +184,7 @@ def test_plan_waits_for_the_locks_it_saw_even_with_a_clock_ahead(
 
     class Ahead(Clock):
         def time(self) -> float:
-            return super().time() + 3600
+            return super().time() + 20  # ahead, within the skew the protocol allows
 
     old = backup(repo, BackupOptions(paths=[str(_src(tmp_path, "s"))])).snapshot
     assert old is not None
@@ -308,3 +308,33 @@ def test_attack_an_index_pointing_every_blob_at_the_wrong_pack(
     repair_index(repo)
     prune(repo, PruneOptions(max_unused=0.0))
     _all_restore(repo, src)
+
+
+def test_attack_a_lock_whose_lease_never_ends(repo: Repository, tmp_path: Path) -> None:
+    """A lock object (storable by an append-only client) that claims a lease to the year 3000
+    would hold every prune plan forever. No honest lease ends more than a lease (and the clock
+    skew) from now, so such a lock counts as garbage; an honest lock still holds."""
+    import json
+    import socket
+    import time
+
+    from safehold.ids import lock_name
+
+    old = backup(repo, BackupOptions(paths=[str(_src(tmp_path, "s"))])).snapshot
+    assert old is not None
+    forget(repo, plan_forget(repo, ForgetOptions(snapshots=[old.id])))
+    now = time.time()
+    lock = {"v": 1, "host": "elsewhere-" + socket.gethostname(), "pid": 1, "user": "x"}
+    lock |= {"time": now, "refreshed": now, "expires": 32503680000.0, "exclusive": False}
+    repo.backend.store(lock_name("cd" * 32), json.dumps(lock).encode(), overwrite=True)
+    _, res = prune(repo, PruneOptions(max_unused=0.0, grace_s=0))
+    assert res.deleted_packs > 0 and res.plans_waiting == 0
+    # an honest lease, from the same kind of client, still holds a plan
+    (_src(tmp_path, "t") / "more.bin").write_bytes(os.urandom(1000))
+    snap = backup(repo, BackupOptions(paths=[str(tmp_path / "t")])).snapshot
+    assert snap is not None
+    forget(repo, plan_forget(repo, ForgetOptions(snapshots=[snap.id])))
+    lock |= {"expires": now + LEASE_SECONDS}
+    repo.backend.store(lock_name("cd" * 32), json.dumps(lock).encode(), overwrite=True)
+    _, res = prune(repo, PruneOptions(max_unused=0.0, grace_s=0))
+    assert res.deleted_packs == 0 and res.plans_waiting == 1

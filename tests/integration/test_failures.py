@@ -252,7 +252,7 @@ def test_locked_repository_exit_5(cli: Cli, tmp_path: Path) -> None:
         "pid": 1,
         "user": "x",
         "time": time.time(),
-        "expires": time.time() + 600,
+        "expires": time.time() + 300,
         "exclusive": True,
     }
     (cli.repo / "locks").mkdir(exist_ok=True)

@@ -106,6 +106,8 @@ class LockInfo:
         now = REAL_CLOCK.time() if now is None else now
         if self.expires < now:
             return True
+        if self.expires > now + LEASE_SECONDS + SKEW_SECONDS:
+            return True  # no honest lease ends this far ahead: garbage, or a hostile lock
         # the process can be judged dead only where its pid means the same process as ours would:
         # same host, same boot, same PID namespace (containers sharing a host name do not)
         if (
