@@ -31,7 +31,7 @@ from safehold.errors import Interrupted, Locked, SafeholdError, SnapshotNotFound
 from safehold.events import Event, EventSink, ignore_events
 from safehold.format.snapshot import Snapshot
 from safehold.format.tree import Node, tree_to_bytes
-from safehold.ids import BlobType
+from safehold.ids import BlobType, snapshot_name
 from safehold.ops.dircache import DirCache, DirState, fingerprint
 from safehold.ops.source import ExcludeRules, node_from_stat
 from safehold.repository.locks import RepositoryLock
@@ -596,8 +596,6 @@ class _Archiver:
 
 
 def _withdraw(repo: Repository, snap: Snapshot) -> None:
-    from safehold.ids import snapshot_name
-
     try:
         repo.backend.delete(snapshot_name(snap.id))
     except SafeholdError as e:
@@ -658,7 +656,6 @@ def backup(
         return _backup(repo, opts, events, stdin, stop, progress_interval, estimate_totals, None)
     held = repo.lock() if lock is None else lock
     try:
-        repo.reload_index()  # what the index says now that prune can see this lock
         return _backup(repo, opts, events, stdin, stop, progress_interval, estimate_totals, held)
     finally:
         if lock is None:
@@ -697,6 +694,10 @@ def _backup(
         parent = _choose_parent(repo, opts, host, paths)
     except SnapshotNotFound as e:
         raise UsageError(f"--parent: {e}") from None
+    if lock is not None:
+        # the index as it is now that prune can see this lock; loaded after the snapshots were
+        # listed, so it holds every blob of the parent (index objects precede their snapshot)
+        repo.reload_index()
     session = repo.write_session(
         index_flush_packs=opts.index_flush_packs, index_flush_seconds=opts.index_flush_seconds
     )

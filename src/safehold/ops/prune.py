@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from safehold.backends.base import Backend
+from safehold.backends.base import Backend, clean_temporaries
 from safehold.compress import Compression
 from safehold.errors import BackendError, NotFound, SafeholdError, UsageError
 from safehold.events import Event, EventSink, ignore_events
@@ -510,11 +510,7 @@ def _finish(
 
 def _clean_temporaries(repo: Repository, res: PruneResult, events: EventSink) -> None:
     try:
-        from safehold.backends import base
-
-        clean = getattr(base, "clean_temporaries", None)
-        if clean is not None:
-            res.temporaries_removed = list(clean(repo.backend, TEMPORARY_AGE_S))
+        res.temporaries_removed = clean_temporaries(repo.backend, TEMPORARY_AGE_S)
     except SafeholdError as e:
         events(Event("warning", f"could not remove old temporary files: {e}"))
     if res.temporaries_removed:
