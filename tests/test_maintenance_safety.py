@@ -338,3 +338,58 @@ def test_attack_a_lock_whose_lease_never_ends(repo: Repository, tmp_path: Path) 
     repo.backend.store(lock_name("cd" * 32), json.dumps(lock).encode(), overwrite=True)
     _, res = prune(repo, PruneOptions(max_unused=0.0, grace_s=0))
     assert res.deleted_packs == 0 and res.plans_waiting == 1
+
+
+@pytest.mark.parametrize("kind", ["snapshot", "index", "plan", "lock", "pack"])
+def test_a_flipped_byte_never_makes_prune_delete_what_it_hid(
+    kind: str, repo: Repository, tmp_path: Path
+) -> None:
+    """Snapshot A alone uses pack P. A flipped byte in A's snapshot object or in the index object
+    listing P would, if prune skipped the damaged object, make P look unused or unindexed; in a
+    plan it could make a condemnation look real; in a lock or in P itself it must not matter.
+    Prune either refuses (naming what is wrong) or goes on, and P is never deleted."""
+    import json
+
+    from safehold.errors import SafeholdError
+    from safehold.ids import lock_name
+
+    a = backup(repo, BackupOptions(paths=[str(_src(tmp_path, "a"))])).snapshot
+    backup(repo, BackupOptions(paths=[str(_src(tmp_path, "b"))]))
+    assert a is not None
+    index = repo.reload_index()
+    tree = repo.read_tree(a.tree)
+    while tree[0].type == "dir":  # down to the file
+        tree = repo.read_tree(tree[0].subtree)  # type: ignore[arg-type]
+    content = tree[0].content or []
+    loc = index.lookup(content[0])
+    assert loc is not None
+    pack = "data/" + loc.pack_id.hex()[:2] + "/" + loc.pack_id.hex()
+    root = Path(repo.backend.location)
+    if kind == "snapshot":
+        target = root / "snapshots" / a.id
+    elif kind == "index":
+        target = next(
+            root / "index" / i
+            for i in repo.list_ids("index/")
+            if any(p.pack_id == loc.pack_id for p in repo.read_index_file(i).packs)
+        )
+    elif kind == "plan":  # a real plan condemning P, then damaged
+        forged = PlanFile(time_ns=0, condemned=[loc.pack_id])
+        data = meta_object(forged.to_bytes(), Kind.PLAN, meta_key=repo.secrets.meta_key)
+        repo.backend.store(plan_name(storage_id(data)), data)
+        target = root / "plans" / storage_id(data)
+    elif kind == "lock":
+        repo.backend.store(lock_name("ef" * 32), json.dumps({"v": 1}).encode(), overwrite=True)
+        target = root / "locks" / ("ef" * 32)
+    else:
+        target = root / pack
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    target.write_bytes(bytes(raw))
+    fresh = Repository.open(repo.backend, PASSWORD.encode())
+    try:
+        prune(fresh, PruneOptions(max_unused=0.0))
+    except SafeholdError as e:
+        assert kind in ("snapshot", "index"), e  # refusing is right only where it would hide
+        assert "\n" not in str(e)
+    assert (root / pack).exists()
