@@ -255,6 +255,10 @@ def _two_snapshots(repo: Repository, tmp_path: Path) -> Path:
 def _all_restore(repo: Repository, src: Path) -> None:
     fresh = Repository.open(repo.backend, PASSWORD.encode())
     assert check(fresh, CheckOptions(read_data=True)).ok
+    _read_latest(fresh, src)
+
+
+def _read_latest(fresh: Repository, src: Path) -> None:
     latest = fresh.find_snapshot("latest")
     from tests.test_check_damage import iter_files
 
@@ -305,6 +309,11 @@ def test_attack_an_index_pointing_every_blob_at_the_wrong_pack(
         assert sorted(i.name for i in repo.backend.list("data/")) == stored
     res = check(Repository.open(repo.backend, PASSWORD.encode()), CheckOptions(read_data=True))
     assert any(forged_id[:16] in e for e in res.errors), res.errors
+    # the pack's own header settles the disagreement: nothing forged is copied into prune's
+    # index objects, and the data reads correctly before any repair
+    named = {e.split(":")[0] for e in res.errors if e.startswith("index ")}
+    assert named == {f"index {forged_id[:16]}"}, res.errors
+    _read_latest(Repository.open(repo.backend, PASSWORD.encode()), src)
     repair_index(repo)
     prune(repo, PruneOptions(max_unused=0.0))
     _all_restore(repo, src)

@@ -32,7 +32,7 @@ def test_retry_lock_waits_and_gives_up_with_exit_5(cli: Cli, tmp_path: Path) -> 
     src = tmp_path / "s"
     src.mkdir()
     cli.ok("init")
-    lock = _foreign_lock(cli, 600)
+    lock = _foreign_lock(cli, 300)  # an honest lease (a longer one is garbage)
     t0 = time.monotonic()
     r = cli("--retry-lock", "2s", "backup", str(src))
     assert r.code == 5 and "locked" in r.err

@@ -304,21 +304,43 @@ class Repository:
             {s.hex() for f in files.values() for s in f.supersedes} & present
         )
         state.index_ids = present
+        truth = self._settle_conflicts(files)
         live_ok = [i for i in present if i not in state.claimed]
         live_claimed = [i for i in present if i in state.claimed and i not in state.superseded]
         for index_id in sorted(live_ok):
             for p in files[index_id].packs:
-                index.add_pack(p)
+                index.add_pack(truth.get(p.pack_id, p))
         for index_id in sorted(live_claimed):
             for p in files[index_id].packs:
-                index.add_pack(p, dedup=False)
+                index.add_pack(truth.get(p.pack_id, p), dedup=False)
         for index_id in sorted(state.superseded):
             for p in files[index_id].packs:
-                index.add_pack(p, live=False)
+                index.add_pack(truth.get(p.pack_id, p), live=False)
         index.state = state
         if self.cache is not None:
             self.cache.forget_missing("index", set(ids))
         return index
+
+    def _settle_conflicts(self, files: dict[str, IndexFile]) -> dict[bytes, IndexedPack]:
+        """Packs that two index objects describe differently (one of them corrupt or forged:
+        honest listings of a pack are identical), as the packs' own headers describe them. The
+        index objects themselves stay as they are, for check to name."""
+        first: dict[bytes, IndexedPack] = {}
+        conflicts: set[bytes] = set()
+        for f in files.values():
+            for p in f.packs:
+                seen = first.setdefault(p.pack_id, p)
+                if seen is not p and seen != p:
+                    conflicts.add(p.pack_id)
+        truth: dict[bytes, IndexedPack] = {}
+        if self.secrets.private_key is None:
+            return truth  # a write-only key cannot read headers
+        for pack_id in sorted(conflicts):
+            try:
+                truth[pack_id] = self.read_pack_index(pack_id.hex())
+            except SafeholdError:
+                continue  # missing or unreadable: no listing is better than another
+        return truth
 
     # --- blobs --------------------------------------------------------------------------------
 
