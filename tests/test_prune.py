@@ -164,12 +164,15 @@ def test_directory_cache_is_dropped_after_a_prune(repo: Repository, tmp_path: Pa
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     (src / "d" / "a").write_bytes(os.urandom(200_000))
+    (src / "gone").write_bytes(os.urandom(100_000))  # only the first snapshot has it
     first = backup(repo, BackupOptions(paths=[str(src)]))
+    (src / "gone").unlink()
     again = backup(repo, BackupOptions(paths=[str(src)]))
     assert again.summary["dirs_unchanged"] >= 1
     assert first.snapshot is not None
     _forget(repo, first.snapshot.id)
-    prune(repo, PruneOptions(max_unused=0.0, grace_s=0))
+    _, res = prune(repo, PruneOptions(max_unused=0.0, grace_s=0))
+    assert res.deleted_packs > 0  # the index changed: the cache is stale
     after = backup(repo, BackupOptions(paths=[str(src)]))
     assert after.summary["dirs_unchanged"] == 0
     assert check(repo, CheckOptions(read_data=True)).ok

@@ -63,10 +63,23 @@ def test_repair_snapshots_drops_lost_files_and_names_them(repo: Repository, tmp_
     assert any("lost.bin" in d and "data lost" in d for d in res.dropped)
     assert not any("ok.txt" in d for d in res.dropped)
     fresh = Repository.open(repo.backend, PASSWORD.encode())
-    old_one, new = fresh.snapshots()
-    assert old_one.id == first.id
-    assert "repaired" in new.tags and new.paths == snap.paths and new.time_ns == snap.time_ns
-    assert check(fresh, CheckOptions(read_data=True)).ok
+    old_one, original, new = fresh.snapshots()  # the original is kept beside its repaired copy
+    assert old_one.id == first.id and original.id == snap.id and new.id == res.rewritten[snap.id]
+    assert "repaired" in new.tags and new.paths == snap.paths
+    assert new.time_ns == snap.time_ns + 1 and new.summary["repaired_from"] == snap.id
+    assert "repaired" not in original.tags
+    damaged = check(fresh, CheckOptions(read_data=True))  # only the original lacks data,
+    assert damaged.ok  # and that damage is known: a note naming the repaired copy
+    assert any(
+        n.startswith(f"snapshot {snap.id[:8]}") and "repaired as" in n for n in damaged.notes
+    )
     restore(fresh, new, RestoreOptions(target=str(tmp_path / "r")))
     out = tmp_path / "r" / str(src).lstrip("/")
     assert (out / "ok.txt").exists() and not (out / "d" / "lost.bin").exists()
+    # the next backup (its parent: the repaired copy) stores lost.bin again: the original heals
+    backup(fresh, BackupOptions(paths=[str(src)]))
+    healed = Repository.open(repo.backend, PASSWORD.encode())
+    assert check(healed, CheckOptions(read_data=True)).ok
+    restore(healed, healed.find_snapshot(snap.id), RestoreOptions(target=str(tmp_path / "o")))
+    out = tmp_path / "o" / str(src).lstrip("/")
+    assert (out / "d" / "lost.bin").read_bytes() == data

@@ -57,17 +57,40 @@ def test_one_run_rewrites_every_snapshot_sharing_a_damaged_subtree(
     assert set(res.rewritten) == {second.id, third.id}
     assert len(res.dropped) == 2 and not any("ok.txt" in d for d in res.dropped)
     fresh = Repository.open(repo.backend, PASSWORD.encode())
-    after = check(fresh, CheckOptions(read_data=True))
-    assert after.ok, after.errors
+    after = check(fresh, CheckOptions(read_data=True))  # the originals still lack lost.bin
+    assert after.ok, after.errors  # known damage: notes naming the repaired copies
+    named = {n[9:17] for n in after.notes if "repaired as" in n}  # each lost blob once
+    assert named and named <= {second.id[:8], third.id[:8]}, after.notes
     snaps = fresh.snapshots()
-    assert len(snaps) == 3 and snaps[0].id == first.id
-    assert all("repaired" in s.tags for s in snaps[1:])
-    restore(fresh, snaps[2], RestoreOptions(target=str(tmp_path / "r")))
+    # the originals are kept; each repaired copy sorts right after its original
+    assert [s.id for s in snaps] == [
+        first.id,
+        second.id,
+        res.rewritten[second.id],
+        third.id,
+        res.rewritten[third.id],
+    ]
+    assert [s.summary.get("repaired_from") for s in snaps] == [
+        None,
+        None,
+        second.id,
+        None,
+        third.id,
+    ]
+    assert all("repaired" in s.tags for s in snaps[2::2])
+    restore(fresh, snaps[4], RestoreOptions(target=str(tmp_path / "r")))
     out = tmp_path / "r" / str(src).lstrip("/")
     assert (out / "ok.txt").read_text() == (src / "ok.txt").read_text()
     assert (out / "d").is_dir() and not (out / "d" / "lost.bin").exists()
-    # nothing left to repair
+    # nothing left to repair: the same damage is not repaired twice
     assert repair_snapshots(fresh).rewritten == {}
+    assert len(fresh.snapshots()) == 5
+    # removing the originals is a separate, explicit step
+    gone = repair_snapshots(fresh, forget_originals=True)
+    assert gone.rewritten == {} and set(gone.forgotten) == {second.id, third.id}
+    final = Repository.open(repo.backend, PASSWORD.encode())
+    assert len(final.snapshots()) == 3
+    assert check(final, CheckOptions(read_data=True)).ok
 
 
 def test_a_blob_whose_pack_is_missing_is_lost_though_still_indexed(
@@ -75,8 +98,8 @@ def test_a_blob_whose_pack_is_missing_is_lost_though_still_indexed(
 ) -> None:
     """Without repair index first: the index still lists the deleted pack."""
     _, _, second, third = _shared_subtree(repo, tmp_path)
-    res = repair_snapshots(repo)
-    assert set(res.rewritten) == {second.id, third.id}
+    res = repair_snapshots(repo, forget_originals=True)
+    assert set(res.rewritten) == {second.id, third.id} == set(res.forgotten)
     assert all(d.endswith("lost.bin (data lost)") for d in res.dropped) and len(res.dropped) == 2
     repair_index(repo)  # drops the missing pack from the index
     fresh = Repository.open(repo.backend, PASSWORD.encode())

@@ -16,12 +16,13 @@ import os
 from dataclasses import dataclass
 
 import blake3
+from argon2.exceptions import HashingError
 from argon2.low_level import Type, hash_secret_raw
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from safehold.errors import IntegrityError
+from safehold.errors import IntegrityError, SafeholdError
 
 KEY_LEN = 32
 NONCE_LEN = 12
@@ -29,6 +30,15 @@ TAG_LEN = 16
 SEALED_KEY_LEN = 32 + KEY_LEN + TAG_LEN  # ephemeral public key, wrapped data key, tag = 80
 SEAL_CONTEXT = "safehold v1 2026-11 seal data key"
 META_CONTEXT = "safehold v1 2026-11 meta object key"
+
+
+KDF_MAX_TIME = 10
+KDF_MAX_MEMORY_KIB = 1 << 20  # 1 GiB
+KDF_MAX_PARALLELISM = 16
+KDF_MIN_SALT = 8
+"""Readers refuse a key file whose Argon2id parameters lie outside t 1 ... 10, m 8p ... 1 GiB,
+p 1 ... 16, or whose salt is shorter than 8 bytes, without running the KDF
+(docs/format.md §7.1): a planted key file cannot make every open take minutes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,18 +58,39 @@ class KdfParams:
         t, m, p = (int(x) for x in spec.split(","))
         return cls(max(t, 1), max(m, 8), max(p, 1))
 
+    def problem(self) -> str | None:
+        """Why a reader refuses these parameters (out of the documented caps), or None."""
+        if not 1 <= self.time_cost <= KDF_MAX_TIME:
+            return f"Argon2id time cost {self.time_cost} is outside 1 ... {KDF_MAX_TIME}"
+        if not 1 <= self.parallelism <= KDF_MAX_PARALLELISM:
+            return f"Argon2id parallelism {self.parallelism} is outside 1 ... {KDF_MAX_PARALLELISM}"
+        if not 8 * self.parallelism <= self.memory_kib <= KDF_MAX_MEMORY_KIB:
+            return (
+                f"Argon2id memory {self.memory_kib} KiB is outside {8 * self.parallelism} ... "
+                f"{KDF_MAX_MEMORY_KIB} KiB"
+            )
+        return None
+
+    @property
+    def cost(self) -> int:
+        """A measure of the work one derivation takes (passes x memory)."""
+        return self.time_cost * self.memory_kib
+
 
 def derive_kek(password: bytes, salt: bytes, params: KdfParams) -> bytes:
     """The key-encryption key of a key file: Argon2id(password, salt) → 32 bytes."""
-    return hash_secret_raw(
-        password,
-        salt,
-        time_cost=params.time_cost,
-        memory_cost=params.memory_kib,
-        parallelism=params.parallelism,
-        hash_len=KEY_LEN,
-        type=Type.ID,
-    )
+    try:
+        return hash_secret_raw(
+            password,
+            salt,
+            time_cost=params.time_cost,
+            memory_cost=params.memory_kib,
+            parallelism=params.parallelism,
+            hash_len=KEY_LEN,
+            type=Type.ID,
+        )
+    except HashingError as e:
+        raise SafeholdError(f"key derivation failed: {e}") from None
 
 
 def random_key() -> bytes:

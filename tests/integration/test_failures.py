@@ -122,7 +122,8 @@ def test_flipped_byte_found_by_check_read_data_naming_the_file(cli: Cli, tmp_pat
     assert "other.txt" not in r.out
     # restore reports the damaged file and exits non-zero, restoring the rest
     r = cli("restore", "latest", "--target", str(tmp_path / "r"))
-    assert r.code == 1 and "victim.bin" in r.err
+    assert r.code == 4 and "victim.bin" in r.err
+    assert not (tmp_path / "r" / str(src).lstrip("/") / "victim.bin").exists()  # never a fake file
     restored = tmp_path / "r" / str(src).lstrip("/")
     assert (restored / "other.txt").read_text() == "fine " * 1000
 
@@ -281,14 +282,26 @@ def test_locked_repository_exit_5(cli: Cli, tmp_path: Path) -> None:
     assert cli("backup", str(src)).code == 5
 
 
-def test_corrupt_config_is_a_clear_error(cli: Cli) -> None:
+def test_corrupt_config_is_named_and_repaired_from_the_key_files_copy(cli: Cli) -> None:
+    """A damaged config left no way in; now the copy in the key file opens the repository, every
+    command warns, check fails naming the config, and 'repair config' writes it back."""
     cli.ok("init")
     cfg = cli.repo / "config"
-    raw = bytearray(cfg.read_bytes())
+    good = cfg.read_bytes()
+    raw = bytearray(good)
     raw[-1] ^= 1
     cfg.write_bytes(bytes(raw))
     r = cli("snapshots")
-    assert r.code == 4 and "config" in _one_line(r.err)
+    assert r.code == 0 and "config" in _one_line(r.err) and "repair config" in r.err, r
+    r = cli("check")
+    assert r.code == 4 and "config" in r.err + r.out, r
+    assert "would write" in cli.ok("repair", "config", "--dry-run").out
+    assert cfg.read_bytes() == bytes(raw)
+    assert "wrote the config back" in cli.ok("repair", "config").out
+    assert cfg.read_bytes()[:10] == good[:10]  # the clear header
+    r = cli.ok("check")
+    assert "config" not in r.err, r
+    assert "nothing to do" in cli.ok("repair", "config").out
 
 
 def test_sigkill_mid_backup_leaves_no_snapshot_and_uploads_are_reused(

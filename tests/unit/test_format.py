@@ -24,7 +24,12 @@ def nodes(draw: st.DrawFn) -> Node:
     n = Node(
         name=draw(names),
         type=typ,
-        mode=draw(st.integers(0, 0o177777)),
+        mode=draw(
+            st.sampled_from(
+                [0, 0o010000, 0o020000, 0o040000, 0o060000, 0o100000, 0o120000, 0o140000]
+            )
+        )
+        | draw(st.integers(0, 0o7777)),
         uid=draw(st.integers(0, 2**32 - 1)),
         mtime_ns=draw(st.integers(-(2**62), 2**62)),
         size=draw(st.integers(0, 2**50)),

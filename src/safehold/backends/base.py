@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from safehold.errors import BackendError
+
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
@@ -126,3 +128,25 @@ def clean_temporaries(backend: Backend, older_than_s: float) -> list[str]:
     if isinstance(backend, CleansTemporaries):
         return list(backend.clean_temporaries(older_than_s))
     return []
+
+
+def older_versions(backend: Backend, name: str) -> Iterator[bytes]:
+    """Earlier versions of an object, newest first, where the storage keeps them (a versioned S3
+    bucket): readers try them before declaring an object that fails verification damaged.
+
+    A backend that keeps versions has ``older_versions(name) -> Iterator[bytes]`` yielding each
+    non-current version's whole content (never the current one); wrappers are looked through
+    (``inner``). Storage without versions yields nothing. Failures end the iteration quietly:
+    this is a last resort, and the caller reports the damage it already found."""
+    b: object = backend
+    for _ in range(16):
+        fn = getattr(type(b), "older_versions", None)
+        if fn is not None:
+            try:
+                yield from fn(b, name)
+            except BackendError:
+                return
+            return
+        b = getattr(b, "inner", None)
+        if b is None:
+            return

@@ -70,13 +70,18 @@ def read_message(inp: IO[bytes]) -> dict[str, Any] | None:
     head = _read_exact(inp, 4)
     if not head:
         return None
+    if len(head) != 4:
+        raise TransientError("the connection closed in the middle of a message")
     (n,) = _LEN.unpack(head)
     if n > MAX_MESSAGE:
         raise PermanentError(f"protocol message of {n} bytes is too large")
     body = _read_exact(inp, n)
     if len(body) != n:
         raise TransientError("the connection closed in the middle of a message")
-    obj = msgpack.unpackb(body, raw=False)
+    try:
+        obj = msgpack.unpackb(body, raw=False)
+    except Exception as e:  # msgpack raises several kinds on malformed input
+        raise PermanentError(f"malformed protocol message ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise PermanentError("protocol message is not a map")
     return obj
@@ -86,7 +91,7 @@ def _read_exact(inp: IO[bytes], n: int) -> bytes:
     parts = []
     got = 0
     while got < n:
-        chunk = inp.read(n - got)
+        chunk = inp.read(min(n - got, 1 << 20))  # never allocate what was only claimed
         if not chunk:
             break
         parts.append(chunk)
@@ -161,7 +166,11 @@ class Server:
 
     def serve(self, inp: IO[bytes], out: IO[bytes]) -> None:
         while True:
-            req = read_message(inp)
+            try:
+                req = read_message(inp)
+            except BackendError as e:  # out of step with the client: say why and stop
+                write_message(out, {"error": "PermanentError", "message": str(e)})
+                return
             if req is None:
                 return
             try:

@@ -566,6 +566,32 @@ class S3Backend:
         head = self._head(name, key, "stat")
         return ObjectInfo(name, int(head["ContentLength"]))
 
+    def older_versions(self, name: str) -> Iterator[bytes]:
+        """The non-current versions of an object on a versioned bucket, newest first (nothing on
+        an unversioned one): readers try them before calling an object damaged."""
+        key = self._key(name)
+        try:
+            resp = self._client.list_object_versions(Bucket=self.bucket, Prefix=key, MaxKeys=100)
+        except Exception as e:
+            self._fail(e, "list versions of", name, key)
+        versions = [
+            v
+            for v in resp.get("Versions", [])
+            if v.get("Key") == key and not v.get("IsLatest") and v.get("VersionId") != "null"
+        ]
+        versions.sort(key=lambda v: v.get("LastModified") or 0, reverse=True)
+        for v in versions:
+            try:
+                obj = self._client.get_object(Bucket=self.bucket, Key=key, VersionId=v["VersionId"])
+                body = obj["Body"]
+                try:
+                    data: bytes = body.read()
+                finally:
+                    body.close()
+            except Exception as e:
+                self._fail(e, "load an earlier version of", name, key)
+            yield data
+
     def close(self) -> None:
         if self._owns_client:
             try:

@@ -15,11 +15,32 @@ from safehold.cli.common import (
     repo_url,
     stop_on_signals,
 )
-from safehold.errors import EXIT_OK, EXIT_WARNINGS, UsageError
+from safehold.errors import EXIT_DAMAGE, EXIT_ERROR, EXIT_OK, EXIT_WARNINGS, UsageError
 from safehold.events import Event
 from safehold.ops.backup import BackupOptions, backup
 from safehold.ops.restore import RestoreOptions, restore
+from safehold.repository.locks import reader_lock
 from safehold.units import format_size, parse_size
+
+RESTORE_DESCRIPTION = """\
+Restore a snapshot (or the entries selected by --include/--exclude) under DIR.
+
+Each file is written under a hidden temporary name in its directory and renamed
+into place only once it is complete and verified: a file that cannot be restored
+whole (damaged or missing data, a full disk, an I/O error) never appears under its
+name, and an existing file of that name is left as it was. Damage costs only what
+it touches: every other entry is restored, and each entry not restored is named.
+
+exit status:
+  0  everything was restored
+  1  warnings only: entries restore does not create (sockets; devices unless run
+     as root) were named and skipped, or an owner could not be set
+  2  an entry could not be written to the target (disk full, I/O error), or
+     another error stopped the restore
+  4  the repository is damaged: entries whose data or directory could not be read
+     were named and skipped (takes precedence over 2); or the snapshot's trees
+     expand beyond what it recorded (damaged or hostile): nothing is restored
+"""
 
 
 def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
@@ -40,7 +61,13 @@ def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--stdin-filename", default="stdin", metavar="NAME")
     p.set_defaults(func=cmd_backup)
 
-    r = sub.add_parser("restore", parents=[parent], help="restore a snapshot")
+    r = sub.add_parser(
+        "restore",
+        parents=[parent],
+        help="restore a snapshot",
+        description=RESTORE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     r.add_argument("snapshot", metavar="SNAP")
     r.add_argument("--target", "-t", required=True, metavar="DIR")
     r.add_argument("--include", "-i", action="append", default=[], metavar="PATTERN")
@@ -178,11 +205,12 @@ def cmd_restore(ctx: Context) -> int:
             target=a.target, includes=a.include, excludes=a.exclude, verify=a.verify
         )
         with stop_on_signals() as stop:
-            lock = repo.lock()
+            lock = reader_lock(repo.backend, repo.clock)  # no other lock blocks reading
             try:
                 res = restore(repo, snap, opts, events=event_printer(ctx), stop=stop)
             finally:
-                lock.release()
+                if lock is not None:
+                    lock.release()
     finally:
         repo.close()
     elapsed = time.time() - started
@@ -193,7 +221,13 @@ def cmd_restore(ctx: Context) -> int:
                 "snapshot": snap.id,
                 "files": res.files,
                 "dirs": res.dirs,
+                "others": res.others,
                 "bytes": res.bytes,
+                "failed": [
+                    {"path": f.path, "reason": f.reason, "damage": f.damage} for f in res.failed
+                ],
+                "not_restored": res.not_restored,
+                "warnings": res.warnings,
                 "errors": res.errors,
                 "verified": res.verified,
                 "duration_s": round(elapsed, 3),
@@ -202,8 +236,25 @@ def cmd_restore(ctx: Context) -> int:
     else:
         ctx.out(
             f"restored snapshot {snap.id[:8]}: {res.files} files, {res.dirs} directories, "
-            f"{format_size(res.bytes)} in {elapsed:.1f}s to {a.target}"
+            f"{res.others} other entries, {format_size(res.bytes)} in {elapsed:.1f}s "
+            f"to {a.target}"
         )
         if a.verify:
             ctx.out(f"verified {res.verified} files")
-    return EXIT_WARNINGS if res.errors else EXIT_OK
+        if res.failed:
+            damaged = sum(1 for f in res.failed if f.damage)
+            ctx.out(
+                f"failed: {len(res.failed)} entries not restored ({damaged} damaged in the "
+                f"repository, {len(res.failed) - damaged} not written to the target):"
+            )
+            for f in res.failed:
+                ctx.out(f"  {f.path}: {f.reason}")
+        if res.not_restored:
+            ctx.out(f"{len(res.not_restored)} entries of kinds restore does not create skipped")
+    if res.damaged:
+        return EXIT_DAMAGE
+    if res.failed:
+        return EXIT_ERROR
+    if res.not_restored or res.warnings:
+        return EXIT_WARNINGS
+    return EXIT_OK

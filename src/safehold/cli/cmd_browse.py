@@ -8,13 +8,31 @@ import fnmatch
 import os
 import stat
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from safehold.cli.common import Context, open_repo, snapshot_row
-from safehold.errors import EXIT_OK, UsageError
+from safehold.errors import (
+    EXIT_DAMAGE,
+    EXIT_ERROR,
+    EXIT_OK,
+    IntegrityError,
+    NotFound,
+    SafeholdError,
+    UsageError,
+)
+from safehold.format.snapshot import Snapshot
 from safehold.format.tree import Node
 from safehold.ops.prune import referenced_blobs
-from safehold.ops.restore import iter_files
+from safehold.ops.walk import (
+    Parts,
+    TreeTotals,
+    entry_limit,
+    records_counts,
+    snapshot_totals,
+    tree_totals,
+    walk_tree,
+)
 from safehold.repository.repo import Repository, filter_snapshots
 from safehold.units import format_size
 
@@ -102,15 +120,55 @@ def _long(path: str, n: Node) -> str:
     return f"{stat.filemode(n.mode)} {owner:>15} {n.size:>12} {t} {path}{extra}"
 
 
-def _subtree(repo: Repository, tree: bytes, path: str) -> tuple[bytes, str]:
+def _subtree(repo: Repository, tree: bytes, path: str) -> tuple[bytes, Parts]:
     cur = tree
-    parts = [p for p in path.split("/") if p]
+    parts = tuple(os.fsencode(p) for p in path.split("/") if p)
     for part in parts:
-        match = [n for n in repo.read_tree(cur) if n.name == os.fsencode(part)]
+        match = [n for n in repo.read_tree(cur) if n.name == part]
         if not match or match[0].subtree is None:
             raise UsageError(f"{path} is not a directory in the snapshot")
         cur = match[0].subtree
-    return cur, "/" + "/".join(parts) if parts else ""
+    return cur, parts
+
+
+def _path(parts: Parts) -> str:
+    return "/" + "/".join(os.fsdecode(p) for p in parts)
+
+
+class _Walker:
+    """Walks snapshot trees for ls, find and diff: iteratively, bounded by what each snapshot
+    recorded (a snapshot recording no counts is first sized by reading each distinct tree once,
+    so a hostile DAG is refused before it is listed); a directory that cannot be read is named
+    on stderr and skipped, and sets the exit status."""
+
+    def __init__(self, ctx: Context, repo: Repository, *, skip_unreadable: bool = True) -> None:
+        self.ctx = ctx
+        self.repo = repo
+        self.skip = skip_unreadable
+        self.code = EXIT_OK
+        self.memo: dict[bytes, TreeTotals] = {}
+
+    def warn(self, msg: str, err: SafeholdError) -> None:
+        damage = isinstance(err, (IntegrityError, NotFound))
+        self.code = max(self.code, EXIT_DAMAGE if damage else EXIT_ERROR)
+        if self.ctx.json:
+            self.ctx.emit({"type": "warning", "message": msg})
+        else:
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+    def unreadable(self, parts: Parts, err: SafeholdError) -> None:
+        self.warn(f"cannot read {_path(parts)}, skipped: {err}", err)
+
+    def walk(
+        self, snap: Snapshot, tree: bytes | None = None, prefix: Parts = ()
+    ) -> Iterator[tuple[str, Node]]:
+        tree = snap.tree if tree is None else tree
+        limit = entry_limit(snap)
+        if not records_counts(snap):
+            tree_totals(self.repo, tree, limit=limit, memo=self.memo, on_error=lambda p, e: None)
+        on_error = self.unreadable if self.skip else None
+        for parts, n in walk_tree(self.repo, tree, prefix=prefix, limit=limit, on_error=on_error):
+            yield _path(parts), n
 
 
 def cmd_ls(ctx: Context) -> int:
@@ -118,36 +176,41 @@ def cmd_ls(ctx: Context) -> int:
     repo = open_repo(ctx)
     snap = _find(repo, a, a.snapshot)
     tree, prefix = _subtree(repo, snap.tree, a.dir)
-    for path, n in iter_files(repo, tree, prefix):
+    w = _Walker(ctx, repo)
+    for path, n in w.walk(snap, tree, prefix):
         if ctx.json:
             ctx.emit(_node_row(path, n))
         else:
             ctx.out(_long(path, n) if a.long else path)
     repo.close()
-    return EXIT_OK
+    return w.code
 
 
 def cmd_find(ctx: Context) -> int:
     a = ctx.args
     repo = open_repo(ctx)
     found = 0
+    w = _Walker(ctx, repo)
     for snap in filter_snapshots(repo.snapshots(), host=a.host, tags=a.tag, paths=a.path):
-        for path, n in iter_files(repo, snap.tree):
-            name = path.rsplit("/", 1)[-1]
-            if fnmatch.fnmatchcase(name, a.pattern) or fnmatch.fnmatchcase(path, a.pattern):
-                found += 1
-                if ctx.json:
-                    ctx.emit({"snapshot": snap.id, **_node_row(path, n)})
-                else:
-                    ctx.out(f"{snap.id[:8]}  {_long(path, n)}")
+        try:
+            for path, n in w.walk(snap):
+                name = path.rsplit("/", 1)[-1]
+                if fnmatch.fnmatchcase(name, a.pattern) or fnmatch.fnmatchcase(path, a.pattern):
+                    found += 1
+                    if ctx.json:
+                        ctx.emit({"snapshot": snap.id, **_node_row(path, n)})
+                    else:
+                        ctx.out(f"{snap.id[:8]}  {_long(path, n)}")
+        except SafeholdError as e:  # one bad snapshot does not hide the others
+            w.warn(f"snapshot {snap.id[:8]} skipped: {e}", e)
     repo.close()
     if not ctx.json:
         ctx.note(f"{found} matches")
-    return EXIT_OK
+    return w.code
 
 
-def _flatten(repo: Repository, tree: bytes) -> dict[str, Node]:
-    return dict(iter_files(repo, tree))
+def _flatten(w: _Walker, snap: Snapshot) -> dict[str, Node]:
+    return dict(w.walk(snap))
 
 
 def cmd_diff(ctx: Context) -> int:
@@ -156,7 +219,8 @@ def cmd_diff(ctx: Context) -> int:
     snaps = repo.snapshots()
     s1 = repo.find_snapshot(a.snap1, snapshots=snaps)
     s2 = repo.find_snapshot(a.snap2, snapshots=snaps)
-    f1, f2 = _flatten(repo, s1.tree), _flatten(repo, s2.tree)
+    w = _Walker(ctx, repo, skip_unreadable=False)  # a partial listing would show false changes
+    f1, f2 = _flatten(w, s1), _flatten(w, s2)
     repo.close()
     counts = {"added": 0, "removed": 0, "modified": 0, "metadata": 0}
     for path in sorted(set(f1) | set(f2)):
@@ -212,11 +276,14 @@ def cmd_stats(ctx: Context) -> int:
     else:
         snaps = filter_snapshots(repo.snapshots(), host=a.host, tags=a.tag, paths=a.path)
     files = size = 0
+    memo: dict[bytes, TreeTotals] = {}  # each distinct tree is read and counted once
     for s in snaps:  # every file of every snapshot, as a restore of each would write it
-        for _, n in iter_files(repo, s.tree):
-            if n.type == "file":
-                files += 1
-                size += n.size
+        try:
+            totals = snapshot_totals(repo, s, memo=memo)
+        except IntegrityError as e:
+            raise IntegrityError(f"snapshot {s.id[:8]}: {e}") from None
+        files += totals.files
+        size += totals.bytes
     blobs = referenced_blobs(repo, snaps)  # each stored blob once
     raw = stored = 0
     for b in blobs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from safehold.backends.registry import open_backend
@@ -17,11 +18,17 @@ from safehold.cli.common import (
     repo_url,
 )
 from safehold.compress import Compression
-from safehold.errors import EXIT_DAMAGE, EXIT_OK, UsageError
+from safehold.errors import EXIT_DAMAGE, EXIT_OK, EXIT_WARNINGS, UsageError
 from safehold.events import Event
 from safehold.ops.check import CheckOptions, check
-from safehold.ops.repair import repair_index, repair_snapshots
-from safehold.repository.locks import remove_stale_locks
+from safehold.ops.repair import repair_config, repair_index, repair_snapshots
+from safehold.repository.locks import (
+    find_lock,
+    list_locks,
+    reader_lock,
+    remove_lock,
+    remove_stale_locks,
+)
 from safehold.repository.repo import InitOptions, Repository
 from safehold.units import format_size, parse_size
 
@@ -54,14 +61,58 @@ def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
 
     r = sub.add_parser("repair", parents=[parent], help="repair the index or snapshots")
     rsub = r.add_subparsers(dest="repair_command", required=True, metavar="index|snapshots")
-    ri = rsub.add_parser("index", parents=[parent], help="rebuild the index from the packs")
+    ri = rsub.add_parser(
+        "index",
+        parents=[parent],
+        help="rebuild the index from the packs",
+        description="Rebuild the index from the packs in storage. A pack whose header, trailer "
+        "or sealed key is damaged is kept: its blobs come from the existing index entries, or "
+        "from scanning the pack, each verified. A copy of a pack under a wrong name is reported, "
+        "never indexed. Nothing is deleted but the index objects the new one replaces.",
+    )
     ri.add_argument("--dry-run", "-n", action="store_true")
+    ri.add_argument(
+        "--read-data",
+        action="store_true",
+        help="read every pack whole: check its name against its content and verify every blob; "
+        "blobs that fail are left out and recorded as damaged (the next backup stores them again)",
+    )
     ri.set_defaults(func=cmd_repair_index)
-    rs = rsub.add_parser("snapshots", parents=[parent], help="rewrite snapshots whose data is lost")
+    rs = rsub.add_parser(
+        "snapshots",
+        parents=[parent],
+        help="write repaired copies of snapshots whose data is lost",
+        description="For each snapshot that refers to lost data, write a repaired snapshot "
+        "beside it without the lost files (tag 'repaired', dated 1 ns after the original, which "
+        "it names). The originals are kept: they restore everything they still can, and whole "
+        "again once a backup has stored the lost data again. Remove them with "
+        "--forget-originals or 'forget ID'. Running it again repairs nothing twice.",
+    )
     rs.add_argument("--dry-run", "-n", action="store_true")
+    rs.add_argument(
+        "--forget-originals",
+        action="store_true",
+        help="also remove each damaged original that has a repaired copy (it can no longer heal) "
+        "and every snapshot object that cannot be read",
+    )
     rs.set_defaults(func=cmd_repair_snapshots)
+    rc = rsub.add_parser(
+        "config",
+        parents=[parent],
+        help="write a missing or damaged config back from the copy in the key file",
+        description="When the repository's config object is missing or damaged, the repository "
+        "opens with the copy each key file holds (a warning says so); this writes it back.",
+    )
+    rc.add_argument("--dry-run", "-n", action="store_true")
+    rc.set_defaults(func=cmd_repair_config)
 
     u = sub.add_parser("unlock", parents=[parent], help="remove locks that are dead or expired")
+    u.add_argument(
+        "--force",
+        metavar="ID",
+        help="remove the lock with this id (prefix), whoever holds it, after confirmation",
+    )
+    u.add_argument("--yes", "-y", action="store_true", help="with --force: do not ask")
     u.set_defaults(func=cmd_unlock)
 
 
@@ -92,7 +143,9 @@ def cmd_check(ctx: Context) -> int:
     a = ctx.args
     repo = open_repo(ctx, use_cache=False)
     try:
-        lock = repo.lock()
+        # check only reads: no lock refuses it; its own lock makes a prune plan made meanwhile
+        # wait (and check copes with one that finishes while it runs)
+        lock = reader_lock(repo.backend, repo.clock)
         try:
 
             def sink(ev: Event) -> None:
@@ -111,7 +164,8 @@ def cmd_check(ctx: Context) -> int:
                 events=sink,
             )
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
     finally:
         repo.close()
     if ctx.json:
@@ -127,17 +181,19 @@ def cmd_check(ctx: Context) -> int:
                 "packs_read": res.packs_read,
                 "bytes_read": res.bytes_read,
                 "damaged_files": res.damaged_files,
+                "recorded_damage": res.recorded,
                 "coverage": res.coverage,
                 "cycle": res.cycle,
                 "cycle_complete": res.cycle_complete,
             }
         )
     else:
-        for n in res.notes:
+        for n in res.notes:  # damage was printed as found
             ctx.out(f"note: {n}")
-        for e in res.errors:
-            if e.startswith("snapshot") and "file" in e:
-                print(f"damage: {e}", flush=True)
+        if res.recorded:
+            ctx.out(
+                f"recorded {res.recorded} damaged blob copies: the next backup stores them again"
+            )
         read = ""
         if res.packs_read:
             read = f", read {res.packs_read} packs ({format_size(res.bytes_read)})"
@@ -208,22 +264,67 @@ def cmd_key_passwd(ctx: Context) -> int:
 
 
 def cmd_unlock(ctx: Context) -> int:
+    a = ctx.args
+    if a.yes and not a.force:
+        raise UsageError("--yes goes with --force ID (plain unlock removes only stale locks)")
     repo = open_repo(ctx, use_cache=False)
-    removed = remove_stale_locks(repo.backend)
-    repo.close()
+    try:
+        if a.force:
+            return _unlock_force(ctx, repo, a.force, ask=not a.yes)
+        removed = remove_stale_locks(repo.backend)
+        left = list_locks(repo.backend)
+    finally:
+        repo.close()
     if ctx.json:
-        ctx.emit({"type": "unlock", "removed": [lk.lock_id for lk in removed]})
+        ctx.emit(
+            {
+                "type": "unlock",
+                "removed": [lk.lock_id for lk in removed],
+                "remaining": [lk.lock_id for lk in left],
+            }
+        )
+        return EXIT_OK
+    ctx.out(f"removed {len(removed)} stale locks")
+    for lk in left:
+        ctx.out(f"left {lk.describe()} (not stale; 'unlock --force {lk.lock_id[:8]}' removes it)")
+    return EXIT_OK
+
+
+def _unlock_force(ctx: Context, repo: Repository, prefix: str, *, ask: bool) -> int:
+    """``unlock --force ID``: one named lock, whoever holds it, after confirmation."""
+    lock = find_lock(repo.backend, prefix)
+    if ask:
+        if not sys.stdin.isatty():
+            raise UsageError("unlock --force asks for confirmation on a terminal: add --yes")
+        live = "" if lock.stale() else " It is not stale: its holder may still be running."
+        sys.stderr.write(f"remove {lock.describe()}?{live} [y/N] ")
+        sys.stderr.flush()
+        answer = sys.stdin.readline().strip().lower()
+        if answer not in ("y", "yes"):
+            if ctx.json:
+                ctx.emit({"type": "unlock", "removed": []})
+            else:
+                ctx.out(f"kept lock {lock.lock_id[:8]}")
+            return EXIT_WARNINGS
+    removed = remove_lock(repo.backend, lock.lock_id)
+    if ctx.json:
+        ctx.emit({"type": "unlock", "removed": [lock.lock_id] if removed else []})
+    elif removed:
+        ctx.out(f"removed lock {lock.lock_id[:8]} ({lock.describe()})")
     else:
-        ctx.out(f"removed {len(removed)} stale locks")
+        ctx.out(f"lock {lock.lock_id[:8]} was removed meanwhile")
     return EXIT_OK
 
 
 def cmd_repair_index(ctx: Context) -> int:
     repo = open_repo(ctx, use_cache=False)
+    dry = ctx.args.dry_run
     try:
-        lock = None if ctx.args.dry_run else repo.lock(exclusive=True)
+        lock = None if dry else repo.lock(exclusive=True)
         try:
-            res = repair_index(repo, dry_run=ctx.args.dry_run, events=event_printer(ctx))
+            res = repair_index(
+                repo, read_data=ctx.args.read_data, dry_run=dry, events=event_printer(ctx)
+            )
         finally:
             if lock is not None:
                 lock.release()
@@ -236,35 +337,93 @@ def cmd_repair_index(ctx: Context) -> int:
                 "packs": res.packs,
                 "blobs": res.blobs,
                 "damaged_packs": res.damaged_packs,
+                "recovered_packs": res.recovered_packs,
+                "damaged_blobs": res.damaged_blobs,
+                "strays": res.strays,
+                "copied": res.copied,
+                "damage_records": res.damage_records,
                 "index": res.new_index,
                 "removed_indexes": res.removed_indexes,
             }
         )
     else:
-        verb = "would index" if ctx.args.dry_run else "indexed"
+        verb = "would index" if dry else "indexed"
         ctx.out(
             f"{verb} {res.packs} packs ({res.blobs} blobs); "
             f"{len(res.damaged_packs)} unreadable packs left out"
         )
-    return EXIT_OK if not res.damaged_packs else 1
+        if res.recovered_packs:
+            ctx.out(f"{len(res.recovered_packs)} damaged packs kept (the blobs that verify)")
+        if res.damaged_blobs:
+            ctx.out(f"{len(res.damaged_blobs)} damaged blobs left out and recorded")
+        if res.strays:
+            ctx.out(f"{len(res.strays)} copies of packs under a wrong name not indexed")
+    damage = res.damaged_packs or res.recovered_packs or res.damaged_blobs or res.strays
+    return EXIT_OK if not damage else EXIT_WARNINGS
 
 
 def cmd_repair_snapshots(ctx: Context) -> int:
     repo = open_repo(ctx, use_cache=False)
+    dry = ctx.args.dry_run
     try:
-        lock = None if ctx.args.dry_run else repo.lock(exclusive=True)
+        lock = None if dry else repo.lock(exclusive=True)
         try:
-            res = repair_snapshots(repo, dry_run=ctx.args.dry_run)
+            res = repair_snapshots(
+                repo,
+                dry_run=dry,
+                forget_originals=ctx.args.forget_originals,
+                events=event_printer(ctx),
+            )
         finally:
             if lock is not None:
                 lock.release()
     finally:
         repo.close()
     if ctx.json:
-        ctx.emit({"type": "repair_snapshots", "rewritten": res.rewritten, "dropped": res.dropped})
+        ctx.emit(
+            {
+                "type": "repair_snapshots",
+                "rewritten": res.rewritten,
+                "dropped": res.dropped,
+                "forgotten": res.forgotten,
+                "unreadable": res.unreadable,
+                "removed_unreadable": res.removed_unreadable,
+            }
+        )
         return EXIT_OK
-    for line in res.dropped:
-        ctx.out(f"dropped {line}")
-    verb = "would rewrite" if ctx.args.dry_run else "rewrote"
-    ctx.out(f"{verb} {len(res.rewritten)} snapshots")
+    for old, new in res.rewritten.items():
+        ctx.out(f"snapshot {old[:8]} repaired as {new[:8]}" if new else f"would repair {old[:8]}")
+    verb = "would rewrite" if dry else "rewrote"
+    ctx.out(f"{verb} {len(res.rewritten)} snapshots (the originals are kept)")
+    if res.forgotten:
+        verb = "would forget" if dry else "forgot"
+        ctx.out(f"{verb} {len(res.forgotten)} original snapshots")
+    if res.removed_unreadable:
+        verb = "would remove" if dry else "removed"
+        ctx.out(f"{verb} {len(res.removed_unreadable)} snapshot objects that cannot be read")
+    elif res.unreadable:
+        ctx.out(
+            f"{len(res.unreadable)} snapshot objects cannot be read; --forget-originals (or "
+            "'forget ID') removes them"
+        )
+    return EXIT_OK
+
+
+def cmd_repair_config(ctx: Context) -> int:
+    repo = open_repo(ctx, use_cache=False)
+    try:
+        lock = None if ctx.args.dry_run else repo.lock(exclusive=True)
+        try:
+            done = repair_config(repo, dry_run=ctx.args.dry_run)
+        finally:
+            if lock is not None:
+                lock.release()
+    finally:
+        repo.close()
+    if ctx.json:
+        ctx.emit({"type": "repair_config", "written": done, "dry_run": bool(ctx.args.dry_run)})
+    elif not done:
+        ctx.out("the config is intact: nothing to do")
+    else:
+        ctx.out("would write the config back" if ctx.args.dry_run else "wrote the config back")
     return EXIT_OK

@@ -19,9 +19,17 @@ from typing import Any
 import platformdirs
 
 from safehold.backends.registry import open_backend
-from safehold.errors import NotFound, RepositoryNotFound, UsageError
+from safehold.errors import (
+    EXIT_WARNINGS,
+    FormatError,
+    NotFound,
+    RepositoryNotFound,
+    SafeholdError,
+    UsageError,
+)
 from safehold.events import Event
 from safehold.format.config import split_config
+from safehold.repository.cache import prepare_cache_root
 from safehold.repository.repo import Repository
 from safehold.units import parse_wait
 
@@ -29,6 +37,7 @@ from safehold.units import parse_wait
 @dataclass
 class Context:
     args: argparse.Namespace
+    repo: Repository | None = None  # the repository the command opened, if any
 
     @property
     def json(self) -> bool:
@@ -66,12 +75,17 @@ def config_dir() -> Path:
 
 
 def cache_dir(args: argparse.Namespace) -> Path | None:
+    """The cache root (``--cache-dir``, ``SAFEHOLD_CACHE_DIR``, ``$XDG_CACHE_HOME/safehold``,
+    ``~/.cache/safehold``), made private (0700) and tagged with a ``CACHEDIR.TAG``."""
     if getattr(args, "no_cache", False):
         return None
     if getattr(args, "cache_dir", None):
-        return Path(args.cache_dir)
-    env = os.environ.get("SAFEHOLD_CACHE_DIR")
-    return Path(env) if env else Path(platformdirs.user_cache_dir("safehold"))
+        root = Path(args.cache_dir)
+    else:
+        env = os.environ.get("SAFEHOLD_CACHE_DIR")
+        root = Path(env) if env else Path(platformdirs.user_cache_dir("safehold"))
+    prepare_cache_root(root)
+    return root
 
 
 def default_repo() -> Path:
@@ -166,16 +180,52 @@ def open_repo(ctx: Context, *, use_cache: bool = True) -> Repository:
             "no repository given: use --repo or SAFEHOLD_REPOSITORY (or run 'safehold backup "
             "PATH' once to create the default repository)"
         )
+    from safehold.errors import UnsupportedVersion
+    from safehold.repository.keys import readable_key_file
+
     backend = open_backend(url, backend_options(ctx.args))
     try:
         split_config(backend.load("config"))  # an unknown version fails before any prompt
-    except NotFound:
-        raise RepositoryNotFound(f"there is no repository at {backend.location}") from None
+    except UnsupportedVersion:
+        # ... unless a key file is of our version: then the clear header may be damaged, and
+        # open decides with the key (docs/format.md §14.2)
+        if readable_key_file(backend) is None:
+            raise
+    except (NotFound, FormatError) as e:
+        # a missing or damaged config beside key files: open uses the copy in a key file
+        if not any(True for _ in backend.list("keys/")):
+            if isinstance(e, NotFound):
+                raise RepositoryNotFound(f"there is no repository at {backend.location}") from None
+            raise
     password = get_password(ctx.args, is_default=is_default)
     repo = Repository.open(backend, password, cache_dir=cache_dir(ctx.args) if use_cache else None)
+    if repo.config_damaged:
+        print(
+            f"safehold: warning: {repo.config_damaged}; opened with the copy in the key file "
+            "(run 'safehold repair config' to write it back)",
+            file=sys.stderr,
+        )
     if getattr(ctx.args, "retry_lock", None):
         repo.lock_retry_s = parse_wait(ctx.args.retry_lock)
+    ctx.repo = repo
     return repo
+
+
+def finish_repo(ctx: Context, code: int) -> int:
+    """After a command: name the snapshot objects that could not be read and were skipped (a
+    warning: exit at least 1), and write the damage found into the repository (full keys)."""
+    repo = ctx.repo
+    if repo is None:
+        return code
+    try:
+        repo.save_damage()
+    except SafeholdError:
+        pass  # the local cache keeps the record
+    for name, why in sorted(repo.bad_snapshots.items()):
+        print(f"safehold: warning: skipped {name}, which cannot be read: {why}", file=sys.stderr)
+    if repo.bad_snapshots and code == 0:
+        return EXIT_WARNINGS
+    return code
 
 
 def ensure_default_repo(ctx: Context) -> None:

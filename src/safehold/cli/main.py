@@ -9,7 +9,7 @@ import traceback
 
 from safehold._version import __version__
 from safehold.cli import cmd_backup, cmd_browse, cmd_forget, cmd_repo, cmd_serve
-from safehold.cli.common import Context
+from safehold.cli.common import Context, finish_repo
 from safehold.errors import EXIT_ERROR, EXIT_INTERRUPTED, SafeholdError
 
 
@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(args)
     try:
         code: int = args.func(ctx)
-        return code
+        return finish_repo(ctx, code)
     except SafeholdError as e:
+        finish_repo(ctx, e.exit_code)
         if args.debug:
             traceback.print_exc()
         print(f"safehold: {e}", file=sys.stderr)

@@ -16,9 +16,37 @@ def pack(obj: Any) -> bytes:
     return data
 
 
+CONTAINER_BYTES = 16
+"""A msgpack object may hold at most one array or map per this many bytes of its encoding (plus
+1024): honest objects hold one per 40 bytes or more, and an empty container costs one byte to
+encode but about 60 to hold in memory, so a flood of them is refused before it costs much."""
+
+
+class _TooManyContainers(ValueError):
+    pass
+
+
 def unpack(data: bytes | memoryview, what: str) -> Any:
+    limit = len(data) // CONTAINER_BYTES + 1024
+    count = 0
+
+    def counted(obj: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise _TooManyContainers(f"more than {limit} arrays and maps")
+        return obj
+
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=False,
+            list_hook=counted,
+            object_hook=counted,
+            max_array_len=len(data),
+            max_map_len=len(data),
+        )
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise FormatError(f"{what} is not valid: {e}") from None
 

@@ -19,6 +19,14 @@ CONFIG_MAGIC = b"SAFEHOLD"
 """``config`` starts with these 8 bytes and a little-endian u16 format version, unencrypted."""
 CONFIG_HEADER = struct.Struct("<8sH")
 
+# Bounds a reader checks every config against (docs/format.md §6). The chunker's are those of
+# FastCDC 2020 itself (init is stricter: avg 4 KiB ... 4 MiB, min = max(avg/4, 1 KiB), max = 4 avg).
+CHUNK_MIN_RANGE = (64, 1 << 20)
+CHUNK_AVG_RANGE = (256, 4 << 20)
+CHUNK_MAX_RANGE = (1 << 10, 16 << 20)
+CHUNK_NC_RANGE = (0, 3)
+PACK_SIZE_RANGE = (1 << 20, 1 << 30)
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -59,7 +67,7 @@ class Config:
         ch = need_map(field(obj, "chunker", dict, what), what)
         if field(ch, "algo", str, what) != "fastcdc2020":
             raise FormatError("repository config names an unknown chunker")
-        return cls(
+        config = cls(
             repo_id=field(obj, "repo_id", bytes, what),
             chunk_avg=field(ch, "avg", int, what),
             chunk_min=field(ch, "min", int, what),
@@ -70,6 +78,48 @@ class Config:
             public_key=field(obj, "public_key", bytes, what),
             created_ns=field(obj, "created", int, what),
         )
+        problem = config.problem()
+        if problem is not None:
+            raise FormatError(f"repository config is invalid: {problem}")
+        return config
+
+    def problem(self) -> str | None:
+        """What is out of the documented bounds (docs/format.md §6), or None."""
+        if len(self.repo_id) != 16:
+            return "repo_id is not 16 bytes"
+        if len(self.public_key) != 32:
+            return "public_key is not 32 bytes"
+        for label, value, (lo, hi) in (
+            ("chunker min", self.chunk_min, CHUNK_MIN_RANGE),
+            ("chunker avg", self.chunk_avg, CHUNK_AVG_RANGE),
+            ("chunker max", self.chunk_max, CHUNK_MAX_RANGE),
+            ("chunker nc", self.chunk_normalization, CHUNK_NC_RANGE),
+            ("pack_size", self.pack_size, PACK_SIZE_RANGE),
+        ):
+            if not lo <= value <= hi:
+                return f"{label} {value} is outside {lo} ... {hi}"
+        if not self.chunk_min <= self.chunk_avg <= self.chunk_max:
+            return (
+                f"chunker sizes are not ordered (min {self.chunk_min}, avg {self.chunk_avg}, "
+                f"max {self.chunk_max})"
+            )
+        if not _valid_compression(self.compression):
+            return f"unknown compression {self.compression[:40]!r}"
+        if self.created_ns < 0:
+            return "created is negative"
+        return None
+
+
+def _valid_compression(text: str) -> bool:
+    """``auto``, ``zstd`` or ``none``, optionally ``,LEVEL`` with LEVEL -7 ... 22 (as
+    :meth:`safehold.compress.Compression.parse` reads it)."""
+    name, sep, level = text.partition(",")
+    if name not in ("auto", "zstd", "none"):
+        return False
+    if not sep:
+        return True
+    digits = level[1:] if level.startswith("-") else level
+    return digits.isascii() and digits.isdigit() and len(digits) <= 2 and -7 <= int(level) <= 22
 
 
 def config_header() -> bytes:

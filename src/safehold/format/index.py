@@ -32,23 +32,27 @@ class IndexedPack:
 class IndexFile:
     packs: list[IndexedPack] = dc_field(default_factory=list)
     supersedes: list[bytes] = dc_field(default_factory=list)
+    damaged: list[tuple[bytes, bytes]] = dc_field(default_factory=list)
+    """(pack id, blob id): copies found damaged. They are not read first and never deduplicated
+    against, so the next backup stores such a blob again (docs/format.md §9.4)."""
 
     def to_bytes(self) -> bytes:
-        return pack(
-            {
-                "v": FORMAT_VERSION,
-                "packs": [
-                    {
-                        "id": p.pack_id,
-                        "size": p.size,
-                        "key": p.sealed_key,
-                        "blobs": [b.to_list() for b in p.blobs],
-                    }
-                    for p in self.packs
-                ],
-                "supersedes": list(self.supersedes),
-            }
-        )
+        obj: dict[str, Any] = {
+            "v": FORMAT_VERSION,
+            "packs": [
+                {
+                    "id": p.pack_id,
+                    "size": p.size,
+                    "key": p.sealed_key,
+                    "blobs": [b.to_list() for b in p.blobs],
+                }
+                for p in self.packs
+            ],
+            "supersedes": list(self.supersedes),
+        }
+        if self.damaged:
+            obj["damaged"] = [[p, b] for p, b in self.damaged]
+        return pack(obj)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> IndexFile:
@@ -70,4 +74,9 @@ class IndexFile:
                 )
             )
         sup: list[Any] = opt(obj, "supersedes", list, what, [])
-        return cls(packs, [check_id(s, "superseded index id") for s in sup])
+        damaged: list[tuple[bytes, bytes]] = []
+        for d in opt(obj, "damaged", list, what, []):
+            if not isinstance(d, list) or len(d) != 2:
+                raise FormatError("index has a malformed damage record")
+            damaged.append((check_id(d[0], "damaged pack id"), check_id(d[1], "damaged blob id")))
+        return cls(packs, [check_id(s, "superseded index id") for s in sup], damaged)

@@ -29,6 +29,9 @@ class Secrets:
     chunker_seed: int
     public_key: bytes
     private_key: bytes | None
+    config: bytes | None = None
+    """A copy of the config's plaintext (docs/format.md §7.2), so that a damaged ``config``
+    object does not lock the repository; absent in key files made before the copy existed."""
 
     def to_bytes(self) -> bytes:
         obj: dict[str, Any] = {
@@ -41,6 +44,8 @@ class Secrets:
         }
         if self.private_key is not None:
             obj["private_key"] = self.private_key
+        if self.config is not None:
+            obj["config"] = self.config
         return pack(obj)
 
     @classmethod
@@ -48,14 +53,31 @@ class Secrets:
         what = "key secrets"
         obj = need_map(unpack(data, what), what)
         check_version(obj, what)
-        return cls(
+        secrets = cls(
             repo_id=field(obj, "repo_id", bytes, what),
             meta_key=field(obj, "meta_key", bytes, what),
             id_key=field(obj, "id_key", bytes, what),
             chunker_seed=field(obj, "chunker_seed", int, what),
             public_key=field(obj, "public_key", bytes, what),
             private_key=opt(obj, "private_key", bytes, what, None),
+            config=opt(obj, "config", bytes, what, None),
         )
+        if len(secrets.repo_id) != 16:
+            raise FormatError("key secrets have a malformed repo_id")
+        keys = (secrets.meta_key, secrets.id_key, secrets.public_key, secrets.private_key)
+        if any(k is not None and len(k) != 32 for k in keys):
+            raise FormatError("key secrets hold a key of the wrong length")
+        if not 0 <= secrets.chunker_seed < 1 << 64:
+            raise FormatError("key secrets have a malformed chunker seed")
+        if secrets.config is not None and len(secrets.config) > MAX_CONFIG_COPY:
+            raise FormatError("key secrets hold an oversized config copy")
+        return secrets
+
+
+MAX_KEY_FILE = 1 << 20
+"""Readers refuse a key file larger than this (1 MiB) without parsing it."""
+MAX_CONFIG_COPY = 1 << 16
+"""The config copy in the secrets is at most 64 KiB (the config's own limit)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +113,11 @@ class KeyFile:
     @classmethod
     def from_bytes(cls, data: bytes) -> KeyFile:
         what = "key file"
+        if len(data) > MAX_KEY_FILE:
+            raise FormatError(f"key file is larger than {MAX_KEY_FILE} bytes")
         try:
             obj = need_map(json.loads(data), what)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise FormatError("key file is not valid JSON") from None
         check_version(obj, what)
         kdf = need_map(field(obj, "kdf", dict, what), what)

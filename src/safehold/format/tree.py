@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,25 @@ from safehold.errors import FormatError
 from safehold.format.common import FORMAT_VERSION, check_version, field, need_map, pack, unpack
 
 NODE_TYPES = ("file", "dir", "symlink", "fifo", "chardev", "blockdev", "socket")
+
+# the bounds of a node's numeric fields (docs/format.md §10): a tree holding a value outside them
+# is refused as damaged or forged, before any of it can reach a system call
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+I64_MIN = -(1 << 63)
+I64_MAX = (1 << 63) - 1
+MODE_MAX = 0o177777
+FILE_TYPE_BITS = {
+    "file": stat.S_IFREG,
+    "dir": stat.S_IFDIR,
+    "symlink": stat.S_IFLNK,
+    "fifo": stat.S_IFIFO,
+    "chardev": stat.S_IFCHR,
+    "blockdev": stat.S_IFBLK,
+    "socket": stat.S_IFSOCK,
+}
+"""The ``st_mode`` file-type bits of each node type."""
+_MODE_TYPES = frozenset((0, *FILE_TYPE_BITS.values()))
 
 
 @dataclass(slots=True)
@@ -120,7 +140,50 @@ class Node:
             raise FormatError("file entry has no content list")
         if node.type == "dir" and sub is None:
             raise FormatError("directory entry has no subtree")
+        if not (
+            0 <= node.mode <= MODE_MAX
+            and 0 <= node.uid <= U32_MAX
+            and 0 <= node.gid <= U32_MAX
+            and I64_MIN <= node.mtime_ns <= I64_MAX
+            and I64_MIN <= node.ctime_ns <= I64_MAX
+            and I64_MIN <= node.atime_ns <= I64_MAX
+            and 0 <= node.size <= I64_MAX
+            and 0 <= node.dev <= U64_MAX
+            and 0 <= node.ino <= U64_MAX
+            and 0 <= node.nlink <= U64_MAX
+            and 0 <= node.rdev <= U64_MAX
+            and stat.S_IFMT(node.mode) in _MODE_TYPES
+        ):
+            raise FormatError(_out_of_bounds(node))
         return node
+
+
+_BOUNDS = (
+    ("uid", 0, U32_MAX),
+    ("gid", 0, U32_MAX),
+    ("mtime_ns", I64_MIN, I64_MAX),
+    ("ctime_ns", I64_MIN, I64_MAX),
+    ("atime_ns", I64_MIN, I64_MAX),
+    ("size", 0, I64_MAX),
+    ("dev", 0, U64_MAX),
+    ("ino", 0, U64_MAX),
+    ("nlink", 0, U64_MAX),
+    ("rdev", 0, U64_MAX),
+)
+
+
+def _out_of_bounds(node: Node) -> str:
+    """Which field of ``node`` is outside its bounds, as an error message."""
+    what = f"tree entry {node.name!r}"
+    if not 0 <= node.mode <= MODE_MAX:
+        return f"{what} has mode {node.mode}, outside 0..0o{MODE_MAX:o}"
+    if stat.S_IFMT(node.mode) not in _MODE_TYPES:
+        return f"{what} has mode 0o{node.mode:o}, of no known file type"
+    for key, lo, hi in _BOUNDS:
+        value = getattr(node, key)
+        if not lo <= value <= hi:
+            return f"{what} has {key.removesuffix('_ns')} {value}, outside {lo}..{hi}"
+    raise AssertionError("no field out of bounds")  # pragma: no cover
 
 
 def _ints(n: Node) -> tuple[int, ...]:
@@ -145,7 +208,29 @@ def tree_to_bytes(nodes: list[Node]) -> bytes:
 
 
 def tree_from_bytes(data: bytes | memoryview) -> list[Node]:
+    """A tree's nodes; :class:`FormatError` if the tree or any of its entries is invalid."""
+    return [Node.from_obj(x) for x in _raw_nodes(data)]
+
+
+def salvage_tree(data: bytes | memoryview) -> tuple[list[Node], list[tuple[bytes, FormatError]]]:
+    """The valid entries of a tree that :func:`tree_from_bytes` refuses, and for each invalid
+    entry its name (``b""`` if the name itself is unreadable) and the error: so that damage to
+    one entry costs only that entry. Raises :class:`FormatError` when the tree as a whole is
+    invalid (not msgpack, not a map, unknown version, no list of entries)."""
+    nodes: list[Node] = []
+    bad: list[tuple[bytes, FormatError]] = []
+    for raw in _raw_nodes(data):
+        try:
+            nodes.append(Node.from_obj(raw))
+        except FormatError as e:
+            name = raw.get("name") if type(raw) is dict else None
+            bad.append((name if type(name) is bytes else b"", e))
+    return nodes, bad
+
+
+def _raw_nodes(data: bytes | memoryview) -> list[Any]:
     what = "tree"
     obj = need_map(unpack(data, what), what)
     check_version(obj, what)
-    return [Node.from_obj(x) for x in field(obj, "nodes", list, what)]
+    nodes: list[Any] = field(obj, "nodes", list, what)
+    return nodes

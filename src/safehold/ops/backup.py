@@ -19,7 +19,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +32,15 @@ from safehold.events import Event, EventSink, ignore_events
 from safehold.format.snapshot import Snapshot
 from safehold.format.tree import Node, tree_to_bytes
 from safehold.ids import BlobType, snapshot_name
-from safehold.ops.dircache import DirCache, DirState, fingerprint
-from safehold.ops.source import ExcludeRules, node_from_stat
+from safehold.ops.dircache import DirCache, DirState, damage_digest, fingerprint
+from safehold.ops.source import (
+    CACHEDIR_TAG,
+    ExcludeRules,
+    list_dir,
+    lstat,
+    node_from_stat,
+    open_file,
+)
 from safehold.repository.locks import RepositoryLock
 from safehold.repository.repo import Repository, filter_snapshots
 from safehold.repository.writer import WriteSession
@@ -42,6 +49,9 @@ _O_NOATIME = getattr(os, "O_NOATIME", 0)
 SCAN_THREADS = 4
 SLOW_SCAN_S = 10e-6
 """Listing a directory slower than this per entry means its metadata came from the disk."""
+REREAD_CTIME = 0
+"""The ctime recorded for a file that changed while it was read (no file has it): the next
+backup never takes the file as unmodified, whatever its timestamps say then."""
 
 
 @dataclass
@@ -107,6 +117,52 @@ class _DirJob:
     failed: bool = False  # something in it could not be read: do not cache its tree
 
 
+_Walk = Generator[Any, Any, _DirJob]
+"""A directory walk: it yields the walks of its subdirectories to :func:`_run` instead of
+calling them, and is sent their results; it returns its own job."""
+
+
+def _run(walk: _Walk) -> _DirJob:
+    """Run a walk with an explicit stack of walks: a tree's depth costs heap, never Python's
+    recursion limit (each walk resumes the one that yielded it, exactly as a call would)."""
+    stack = [walk]
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        top = stack[-1]
+        try:
+            sub = top.send(value) if error is None else top.throw(error)
+        except StopIteration as done:
+            stack.pop()
+            if not stack:
+                job: _DirJob = done.value
+                return job
+            value, error = done.value, None
+            continue
+        except BaseException as e:
+            stack.pop()
+            if not stack:
+                raise
+            value, error = None, e
+            continue
+        stack.append(sub)
+        value, error = None, None
+
+
+@dataclass(slots=True)
+class _Link:
+    """What the first name seen of a hardlinked inode looked like: other names are taken for the
+    same file only if they agree (an inode number reused between two lstat calls, or a file
+    system with unstable inode numbers, must never make two files one)."""
+
+    ident: tuple[int, int, int]  # size, mtime, ctime
+    content: list[bytes] | None = None
+
+
+def _ident(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 class _Archiver:
     def __init__(
         self,
@@ -153,11 +209,13 @@ class _Archiver:
         self.prefetched: dict[bytes, Future[tuple[_Listing, float]]] = {}
         self.fatal: BaseException | None = None
         self.small = repo.chunker_params.min
-        cache_root = repo.cache.root if repo.cache is not None else None
+        self.links: dict[tuple[int, int], _Link] = {}  # (dev, ino) -> the first name's identity
         index = session.index
+        self.unusable = _unusable_blobs(index)
         self.dircache = DirCache(
-            cache_root / "dirs.msgpack" if cache_root else None,
+            repo.cache,
             index.state.index_ids - index.state.claimed,
+            damage=damage_digest(self.unusable),
         )
 
     # --- reporting --------------------------------------------------------------------------
@@ -224,9 +282,9 @@ class _Archiver:
     def _save_file(self, path: bytes, node: Node) -> list[bytes] | None:
         flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(path, flags | _O_NOATIME)
+            fd = open_file(path, flags | _O_NOATIME)
         except PermissionError:
-            fd = os.open(path, flags)
+            fd = open_file(path, flags)
         with os.fdopen(fd, "rb", buffering=0) as f:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -240,11 +298,21 @@ class _Archiver:
                 chunks = self._chunker().chunks(f)
             content, total = self._store_chunks(chunks, setting)
             st2 = os.fstat(fd)
-        if total != node.size or st2.st_mtime_ns != node.mtime_ns or st2.st_size != total:
-            self.warn(f"{os.fsdecode(path)} changed while it was read; saved as read")
+        if (
+            total != node.size
+            or st2.st_size != total
+            or st2.st_mtime_ns != node.mtime_ns
+            or st2.st_ctime_ns != node.ctime_ns
+        ):
+            # what was read may mix old and new content (a torn read): keep the metadata seen
+            # before reading, and mark the node so that the next backup reads the file again
+            # whatever the file's timestamps say then
+            self.warn(
+                f"{os.fsdecode(path)} changed while it was read; saved as read, "
+                "the next backup reads it again"
+            )
             node.size = total
-            node.mtime_ns = st2.st_mtime_ns
-            node.ctime_ns = st2.st_ctime_ns
+            node.ctime_ns = REREAD_CTIME
         return content
 
     # --- directories ------------------------------------------------------------------------
@@ -252,15 +320,21 @@ class _Archiver:
     def parent_nodes(self, tree_id: bytes | None) -> dict[bytes, Node] | None:
         if tree_id is None:
             return None
+        if not self.repo.index.usable(tree_id):
+            return None  # known damaged or lost: this part is read afresh (nothing is missed)
         try:
             return {n.name: n for n in self.repo.read_tree(tree_id)}
         except SafeholdError as e:
-            self.warn(f"parent snapshot tree unreadable, reading files again: {e}")
+            # damage in the repository (recorded now), not in this backup: its files are read
+            # again and saved whole, so it is said, but it is no warning about this snapshot
+            self.events(Event("info", f"parent snapshot tree unreadable, reading files again: {e}"))
             return None
 
     def unchanged(self, prev: Node | None, node: Node) -> bool:
         if prev is None or prev.type != "file" or prev.content is None:
             return False
+        if prev.ctime_ns == REREAD_CTIME:
+            return False  # it changed while it was read last time
         if (prev.size, prev.mtime_ns, prev.ctime_ns, prev.ino) != (
             node.size,
             node.mtime_ns,
@@ -268,8 +342,53 @@ class _Archiver:
             node.ino,
         ):
             return False
+        # a blob whose every copy is known damaged is not "in" the index: read the file again
         index = self.session.index
         return all(c in index for c in prev.content)
+
+    def tree_reusable(self, tree_id: bytes) -> bool:
+        """Whether a cached tree may be reused as it is: it is in the index, and none of its
+        files refers to a blob known damaged (its subdirectories are checked on their own). The
+        tree is read only when the known damage changed since the cache was saved."""
+        if tree_id not in self.session.index:
+            return False
+        bad = self.unusable
+        if not bad or self.dircache.verified:
+            return True
+        try:
+            nodes = self.repo.read_tree(tree_id)
+        except SafeholdError:
+            return False
+        return not any(c in bad for n in nodes if n.content for c in n.content)
+
+    def links_agree(self, entries: list[tuple[bytes, os.stat_result]]) -> bool:
+        """Whether every hardlinked file among ``entries`` agrees with its inode's first name."""
+        for _, st in entries:
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                link = self.links.get((st.st_dev, st.st_ino))
+                if link is not None and link.ident != _ident(st):
+                    return False
+        return True
+
+    def link_metadata(self, node: Node, st: os.stat_result) -> None:
+        """Register a hardlinked file's inode, or take it apart from a different file seen first
+        under the same (dev, ino): then it is stored as a file of its own."""
+        key = (node.dev, node.ino)
+        link = self.links.get(key)
+        if link is None:
+            self.links[key] = _Link(_ident(st))
+        elif link.ident != _ident(st):
+            node.nlink = 1
+
+    def link_content(self, node: Node) -> None:
+        """A hardlinked file's content must be that of every other name of its inode."""
+        link = self.links.get((node.dev, node.ino))
+        if link is None or node.content is None:
+            return
+        if link.content is None:
+            link.content = node.content
+        elif link.content != node.content:
+            node.nlink = 1
 
     def add_entry(
         self,
@@ -280,7 +399,7 @@ class _Archiver:
         parent: dict[bytes, Node] | None,
         root_dev: int,
         node: Node | None = None,
-    ) -> None:
+    ) -> Generator[Any, Any, None]:
         if node is None:
             if self.excluded(path, st):
                 return
@@ -293,11 +412,13 @@ class _Archiver:
         prev = parent.get(name) if parent else None
         if node.type == "dir":
             self.counters.dirs += 1
-            sub = self.walk_subdir(
+            sub = yield from self.walk_subdir(
                 path, node, prev.subtree if prev and prev.type == "dir" else None, st, root_dev
             )
             job.items.append((node, None, sub))
         elif node.type == "file":
+            if node.nlink > 1:
+                self.link_metadata(node, st)
             if self.unchanged(prev, node):
                 assert prev is not None
                 node.content = prev.content
@@ -329,23 +450,20 @@ class _Archiver:
 
     def scan_dir(self, path: bytes) -> _Listing:
         """A directory's entries with their lstat, sorted by name, excludes applied."""
+        only = None
+        if self.rules.excludes_dir_contents(path):
+            only = {CACHEDIR_TAG.encode()} if self.rules.caches else set()
         try:
-            with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: e.name)
+            listing = list_dir(path, only)
         except OSError as e:
             return e
-        if entries and self.rules.excludes_dir_contents(path):
-            entries = [e for e in entries if e.name == b"CACHEDIR.TAG" and self.rules.caches]
         base = path if path.endswith(b"/") else path + b"/"
         out: list[tuple[bytes, os.stat_result | None, OSError | None]] = []
-        for entry in entries:
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError as e:
-                out.append((entry.name, None, e))
-                continue
-            if not self.excluded(base + entry.name, st):
-                out.append((entry.name, st, None))
+        for name, st in listing:
+            if isinstance(st, OSError):
+                out.append((name, None, st))
+            elif not self.excluded(base + name, st):
+                out.append((name, st, None))
         return out
 
     def timed_scan(self, path: bytes) -> tuple[_Listing, float]:
@@ -360,17 +478,18 @@ class _Archiver:
         parent_tree: bytes | None,
         st: os.stat_result,
         root_dev: int,
-    ) -> _DirJob:
+    ) -> _Walk:
         self.counters.dirs += 1
         if self.rules.one_file_system and st.st_dev != root_dev:
             sub = _DirJob(node)  # a mount point: kept, its contents are not
             self.pending.append(sub)
             return sub
-        return self.walk_dir(path, node, parent_tree, root_dev)
+        job: _DirJob = yield self.walk_dir(path, node, parent_tree, root_dev)
+        return job
 
     def walk_dir(
         self, path: bytes, node: Node | None, parent_tree: bytes | None, root_dev: int
-    ) -> _DirJob:
+    ) -> _Walk:
         self.check_stop()
         fut = self.prefetched.pop(path, None)
         listing, took = fut.result() if fut is not None else self.timed_scan(path)
@@ -401,9 +520,10 @@ class _Archiver:
             if (
                 cached is not None
                 and cached.fingerprint == job.fingerprint
-                and cached.tree in self.session.index
+                and self.links_agree(ok)
+                and self.tree_reusable(cached.tree)
             ):
-                return self.walk_unchanged(job, cached, ok, base, root_dev)
+                return (yield from self.walk_unchanged(job, cached, ok, base, root_dev))
         parent = self.parent_nodes(parent_tree)
         for name, st, err in listing:
             self.check_stop()
@@ -415,7 +535,7 @@ class _Archiver:
                 job.failed = True
             else:
                 assert st is not None
-                self.add_entry(job, child, name, st, parent, root_dev)
+                yield from self.add_entry(job, child, name, st, parent, root_dev)
         self.pending.append(job)
         self.drain(block=False)
         return job
@@ -427,7 +547,7 @@ class _Archiver:
         entries: list[tuple[bytes, os.stat_result]],
         base: bytes,
         root_dev: int,
-    ) -> _DirJob:
+    ) -> _Walk:
         """A directory whose entries are as in the cached run: only its subdirectories are
         walked; its files are neither read nor compared one by one."""
         job.cached = cached
@@ -435,9 +555,13 @@ class _Archiver:
         c.dirs_unchanged += 1
         for name, st in entries:
             if stat.S_ISDIR(st.st_mode):
-                sub = self.walk_subdir(base + name, None, cached.children.get(name), st, root_dev)
+                sub = yield from self.walk_subdir(
+                    base + name, None, cached.children.get(name), st, root_dev
+                )
                 job.fast_children.append((name, sub))
             elif stat.S_ISREG(st.st_mode):
+                if st.st_nlink > 1:
+                    self.links.setdefault((st.st_dev, st.st_ino), _Link(_ident(st)))
                 c.files_unmodified += 1
                 c.files_done += 1
                 c.bytes_done += st.st_size
@@ -470,6 +594,10 @@ class _Archiver:
                     job.failed = True
                     continue
                 node.content = content
+                if node.ctime_ns == REREAD_CTIME:
+                    job.failed = True  # read again next time: the directory is not cached
+            if node.type == "file" and node.nlink > 1:
+                self.link_content(node)
             if sub is not None:
                 if sub.tree_id is None:
                     raise AssertionError("a subdirectory was not finalized before its parent")
@@ -519,20 +647,20 @@ class _Archiver:
                     if not isinstance(nxt, dict):
                         break  # an ancestor is backed up whole already
                     cur = nxt
-        job = self.walk_virtual(b"", root, self.parent_nodes(parent_tree))
+        job = _run(self.walk_virtual(b"", root, self.parent_nodes(parent_tree)))
         self.drain(block=True)
         assert job.tree_id is not None
         return job.tree_id
 
     def walk_virtual(
         self, path: bytes, children: dict[bytes, Any], parent: dict[bytes, Node] | None
-    ) -> _DirJob:
+    ) -> _Walk:
         job = _DirJob(None)
         for name in sorted(children):
             child = children[name]
             cpath = path + b"/" + name
             try:
-                st = os.lstat(cpath)
+                st = lstat(cpath)
             except OSError as e:
                 self.warn(f"cannot back up {os.fsdecode(cpath)}: {e.strerror or e}")
                 continue
@@ -540,10 +668,10 @@ class _Archiver:
                 node = node_from_stat(name, st, cpath)
                 prev = parent.get(name) if parent else None
                 sub_parent = self.parent_nodes(prev.subtree if prev and prev.subtree else None)
-                sub = self.walk_virtual(cpath, child, sub_parent)
+                sub = yield self.walk_virtual(cpath, child, sub_parent)
                 job.items.append((node, None, sub))
             else:
-                self.add_entry(job, cpath, name, st, parent, st.st_dev)
+                yield from self.add_entry(job, cpath, name, st, parent, st.st_dev)
         self.pending.append(job)
         return job
 
@@ -593,6 +721,13 @@ class _Archiver:
             except OSError:
                 continue
         self.counters.total_files, self.counters.total_bytes = files, size
+
+
+def _unusable_blobs(index: Any) -> set[bytes]:
+    """Blobs whose known copies are all damaged (``in`` says no: a writer stores them again)."""
+    damaged = getattr(index, "damaged", None)
+    known: set[tuple[bytes, bytes]] = damaged() if damaged is not None else set()
+    return {b for _, b in known if b not in index}
 
 
 def _withdraw(repo: Repository, snap: Snapshot) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from safehold.errors import NotFound, UsageError
+from safehold.errors import NotFound, SnapshotNotFound, UsageError
 from safehold.events import Event, EventSink, ignore_events
 from safehold.format.snapshot import Snapshot
 from safehold.ids import snapshot_name
@@ -55,7 +55,10 @@ def plan_forget(
         for spec in opts.snapshots:
             if spec == "latest":
                 raise UsageError("forget takes snapshot ids, not 'latest'")
-            s = repo.find_snapshot(spec, snapshots=snaps)
+            try:
+                s = repo.find_snapshot(spec, snapshots=snaps)
+            except SnapshotNotFound:
+                s = _damaged_snapshot(repo, spec)
             chosen[s.id] = s
         remove = sorted(chosen.values(), key=lambda s: (s.time_ns, s.id))
         keep = [s for s in snaps if s.id not in chosen]
@@ -82,6 +85,19 @@ def plan_forget(
     )
 
 
+def _damaged_snapshot(repo: Repository, spec: str) -> Snapshot:
+    """A snapshot object that cannot be read, named by its id or a unique prefix of it: it can be
+    forgotten like any other (then prune can run again)."""
+    found = [
+        name.split("/", 1)[1]
+        for name in repo.bad_snapshots
+        if spec and name.split("/", 1)[1].startswith(spec.lower())
+    ]
+    if len(found) != 1:
+        raise SnapshotNotFound(f"no snapshot with id {spec!r}")
+    return Snapshot(time_ns=0, host="(damaged)", user="", paths=[], tree=bytes(32), id=found[0])
+
+
 def forget(
     repo: Repository,
     plan: ForgetPlan,
@@ -106,6 +122,7 @@ def _forget(repo: Repository, plan: ForgetPlan, events: EventSink) -> list[str]:
             repo.backend.delete(snapshot_name(s.id))
         except NotFound:
             pass  # removed meanwhile by someone else: the end state is the same
+        repo.bad_snapshots.pop(snapshot_name(s.id), None)
         removed.append(s.id)
         events(Event("info", f"removed snapshot {s.id[:8]}", {"snapshot": s.id}))
     return removed

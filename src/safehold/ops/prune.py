@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from safehold.backends.base import Backend, clean_temporaries
 from safehold.compress import Compression
-from safehold.errors import BackendError, NotFound, SafeholdError, UsageError
+from safehold.errors import BackendError, IntegrityError, NotFound, SafeholdError, UsageError
 from safehold.events import Event, EventSink, ignore_events
 from safehold.format.index import IndexedPack, IndexFile
 from safehold.format.plan import PlanFile
@@ -191,6 +191,13 @@ def plan_prune(repo: Repository, opts: PruneOptions) -> PrunePlan:
     # snapshots first, then the index: a backup stores its index objects before its snapshot,
     # so every snapshot listed here has its blobs in the index loaded after
     snapshots = repo.snapshots()
+    if repo.bad_snapshots:
+        name, err = sorted(repo.bad_snapshots.items())[0]
+        raise IntegrityError(
+            f"{len(repo.bad_snapshots)} snapshot objects cannot be read (e.g. {name}: {err}); "
+            "prune cannot know what they use and changes nothing until they are removed "
+            "(safehold forget ID, or repair snapshots)"
+        )
     index = repo.reload_index()
     _refuse_if_unreadable(repo)
     plans = index.state.plan_files
@@ -198,12 +205,38 @@ def plan_prune(repo: Repository, opts: PruneOptions) -> PrunePlan:
     live = index.packs()
     stored, stray = _stored_packs(repo)
     # a blob in several packs counts as used in one of them only: prefer the fuller pack
+    # (a copy known to be damaged counts only where no undamaged copy exists: then it is kept
+    # as it is, never repacked, as it may still be mended; docs/format.md §9.4)
     used_in: dict[bytes, bytes] = {}
     order = sorted(live, key=lambda p: -sum(1 for b in p.blobs if b.id in referenced))
-    for p in order:
-        for b in p.blobs:
-            if b.id in referenced and b.id not in used_in:
+    for good_only in (True, False):
+        for p in order:
+            for b in p.blobs:
+                if b.id not in referenced or b.id in used_in:
+                    continue
+                if good_only and index.is_damaged(p.pack_id, b.id):
+                    continue
                 used_in[b.id] = p.pack_id
+    holds_damaged = {
+        p.pack_id
+        for p in live
+        if any(
+            used_in.get(b.id) == p.pack_id and index.is_damaged(p.pack_id, b.id) for b in p.blobs
+        )
+    }
+    # a damage record steers which copy is kept, and a record can be wrong or forged: the copy
+    # chosen instead of a recorded one is read now; if it fails, the recorded copy (which may
+    # be good after all) is the one kept, as it is
+    for pack_id, blob_id in sorted(index.damaged()):
+        chosen = used_in.get(blob_id)
+        if chosen is None or chosen == pack_id or index.pack(pack_id) is None:
+            continue
+        pack = index.pack(chosen)
+        entry = next((e for e in pack.blobs if e.id == blob_id), None) if pack else None
+        if entry is not None and not repo.copy_is_good(chosen, entry):
+            repo.note_damaged(chosen, [blob_id], "prune: the copy it would keep does not verify")
+            used_in[blob_id] = pack_id
+            holds_damaged.add(pack_id)
     # a blob found only in a pack an earlier plan condemned (a backup reused it while the plan
     # waited): that pack is live again, listed by the new index
     revived = _revive(repo, {b for b in referenced if b not in used_in}, stored, used_in)
@@ -216,7 +249,7 @@ def plan_prune(repo: Repository, opts: PruneOptions) -> PrunePlan:
             condemn.append(p.pack_id.hex())
             continue
         used_total += used
-        if unused > 0:
+        if unused > 0 and p.pack_id not in holds_damaged:
             partial.append((unused, p))
         else:
             keep.append(p)
@@ -288,22 +321,36 @@ def execute_prune(
     if plan.revived:
         # packs an earlier plan condemned that snapshots use after all: listed by an index
         # object of their own, which no plan supersedes, they are live again at once
-        repo.store_index(IndexFile(plan.revived))
+        revived_ids = {p.pack_id for p in plan.revived}
+        repo.store_index(
+            IndexFile(
+                plan.revived, damaged=sorted(d for d in repo.index.damaged() if d[0] in revived_ids)
+            )
+        )
         events(Event("info", f"kept {len(plan.revived)} condemned packs that snapshots use"))
     if not plan.condemn:
         return res  # nothing to condemn: no plan object
     session = repo.write_session(index_flush_packs=1 << 30, index_flush_seconds=1e9)
     for p in plan.repack:
         wanted = [b for b in p.blobs if plan.used_in.get(b.id) == p.pack_id]
-        for entry, data in repo.read_pack_blobs(p.pack_id, wanted):
-            session.add_blob(BlobType(entry.type), data, Compression("auto"), entry.id, dedup=False)
+        for entry, got in repo.read_pack_blobs(p.pack_id, wanted, errors=True):
+            if isinstance(got, IntegrityError):
+                # recorded as damaged (the caller saves the record); nothing is deleted
+                raise IntegrityError(
+                    f"prune found damage while repacking pack {p.pack_id.hex()[:16]}: {got}; run "
+                    "'check --read-data', then 'repair index' (nothing was deleted)"
+                )
+            session.add_blob(BlobType(entry.type), got, Compression("auto"), entry.id, dedup=False)
             res.repacked_blobs += 1
     session.flush()
     # one index object for every pack that stays, claiming to supersede every index object read
     repacked = {p.pack_id for p in plan.repack}
     condemned = {bytes.fromhex(c) for c in plan.condemn}
     stay = [p for p in plan.keep if p.pack_id not in condemned and p.pack_id not in repacked]
-    new_index = IndexFile(stay, [bytes.fromhex(i) for i in plan.superseded])
+    # damage records of packs that stay are carried over (the objects holding them are superseded)
+    stay_ids = {p.pack_id for p in stay}
+    damaged = sorted(d for d in repo.index.damaged() if d[0] in stay_ids)
+    new_index = IndexFile(stay, [bytes.fromhex(i) for i in plan.superseded], damaged)
     new_id = repo.store_index(new_index)
     events(Event("info", f"stored index {new_id[:8]} with {len(stay)} packs"))
     # the locks that exist once the new index is visible: the plan waits for all of them; a
@@ -397,6 +444,13 @@ def _finish(
     # everything is listed afresh, after the plan was found due: snapshots first, then the
     # index objects (stored before any snapshot that needs them), then the plans and the packs
     snapshots = repo.snapshots()
+    if repo.bad_snapshots:
+        name, err = sorted(repo.bad_snapshots.items())[0]
+        raise IntegrityError(
+            f"{len(repo.bad_snapshots)} snapshot objects cannot be read (e.g. {name}: {err}); "
+            "prune cannot know what they use and changes nothing until they are removed "
+            "(safehold forget ID, or repair snapshots)"
+        )
     index = repo.reload_index()
     _refuse_if_unreadable(repo)
     files, plans = index.state.files, index.state.plan_files
@@ -430,29 +484,35 @@ def _finish(
                 headers[pid] = None
         return headers[pid]
 
+    verified: dict[bytes, bool] = {}
+
+    def held(blob_id: bytes) -> bool:
+        """Whether a pack that stays holds the blob, by that pack's own header."""
+        if blob_id not in verified:
+            verified[blob_id] = any(
+                h not in doomed
+                and h in stored
+                and (hh := header(h)) is not None
+                and any(x.id == blob_id for x in hh.blobs)
+                for h in holders.get(blob_id, [])
+            )
+        return verified[blob_id]
+
     keep: set[str] = set()
-    for pid in candidates:
-        if header(pid) is None:
+    unreadable = [pid for pid in candidates if header(pid) is None]
+    # a pack whose header cannot be read (damaged; its good blobs copied by repair index) may
+    # go only if every blob a present snapshot uses is held by a pack that stays
+    if unreadable and not all(held(b) for b in referenced):
+        for pid in unreadable:
             keep.add(pid)
             res.kept_unreadable.append(pid)
             events(Event("warning", f"condemned pack {pid[:16]} cannot be read: kept"))
-    verified: dict[bytes, bool] = {}
     for pid in candidates:
         hp = headers.get(pid)
         if hp is None:
             continue
         for e in hp.blobs:
-            if e.id not in referenced:
-                continue
-            if e.id not in verified:
-                verified[e.id] = any(
-                    h not in doomed
-                    and h in stored
-                    and (hh := header(h)) is not None
-                    and any(x.id == e.id for x in hh.blobs)
-                    for h in holders.get(e.id, [])
-                )
-            if not verified[e.id]:
+            if e.id in referenced and not held(e.id):
                 keep.add(pid)
                 break
     # kept packs that no live index object lists are indexed anew, so that they stay findable

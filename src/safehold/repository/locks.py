@@ -3,8 +3,12 @@
 A lock is ``locks/<random id>`` holding JSON (docs/format.md §12). It is stale when its lease has
 expired by the reader's wall clock, or at once when it was provably taken by a process that no
 longer exists: same host, same boot, same PID namespace, and no process with that PID and that
-start time. Shared locks (backup, check, restore) coexist; an exclusive lock excludes every other
+start time. Shared locks (backup, forget, prune) coexist; an exclusive lock excludes every other
 lock; the maintenance operations (``op`` "prune" and "forget") exclude each other.
+
+Commands that only read (check, restore, ls, ...) are never refused by a lock: a reader either
+takes no lock, or stores one without looking at the others (:func:`reader_lock`), so that a prune
+plan made meanwhile waits for it (docs/format.md §15.2, step 2) while it reads.
 
 The holder measures its own lease with a clock that keeps counting during suspend: once a refresh
 comes later than the lease allows, other clients may have judged the lock stale and stopped
@@ -26,7 +30,7 @@ from typing import Any
 
 from safehold.backends.base import Backend
 from safehold.clock import REAL_CLOCK, Clock
-from safehold.errors import Locked, NotFound, SafeholdError
+from safehold.errors import Locked, NotFound, SafeholdError, UsageError
 from safehold.ids import is_hex_id, lock_name, name_to_id
 
 LEASE_SECONDS = 300.0
@@ -132,7 +136,10 @@ class LockInfo:
         kind = "exclusive" if self.exclusive else "shared"
         if self.op:
             kind += f" {self.op}"
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.time))
+        try:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.time))
+        except (ValueError, OverflowError, OSError):
+            when = f"time {self.time!r} (not a real time)"
         return (
             f"{kind} lock {self.lock_id[:8]} by {self.user}@{self.host} pid {self.pid} since {when}"
         )
@@ -154,7 +161,7 @@ def _parse(lock_id: str, data: bytes) -> LockInfo | None:
             str(obj.get("pidns", "")),
             int(obj.get("start", 0)),
         )
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
         return None
 
 
@@ -233,6 +240,14 @@ class RepositoryLock:
                     raise
                 self.clock.sleep(min(delay, left))
                 delay = min(delay * 2, 30.0)
+
+    def hold(self) -> None:
+        """Store the lock without looking at other locks, and keep refreshing it: for readers,
+        which no lock may block. Prune plans wait for it like for any other lock."""
+        self.started = self.clock.time()
+        self.released = False
+        self._write()
+        self._cancel = self.clock.every(self.refresh, REFRESH_SECONDS)
 
     def _write(self) -> None:
         wall, elapsed = self.clock.time(), self.clock.elapsed()
@@ -327,3 +342,42 @@ def remove_stale_locks(backend: Backend, clock: Clock = REAL_CLOCK) -> list[Lock
                 backend.delete(lock_name(lock.lock_id))
             removed.append(lock)
     return removed
+
+
+def reader_lock(backend: Backend, clock: Clock = REAL_CLOCK) -> RepositoryLock | None:
+    """A shared lock for a command that only reads (check, restore): stored at once whatever
+    other locks exist, foreign exclusive ones included, so that a prune plan made while the
+    reader runs waits for it before deleting. None if the storage refuses to store it (a
+    read-only mount or credentials): the reader then goes on without, as it must still cope
+    with a prune that finishes while it reads."""
+    lock = RepositoryLock(backend, False, "", clock)
+    try:
+        lock.hold()
+    except SafeholdError:
+        lock.release()
+        return None
+    return lock
+
+
+def find_lock(backend: Backend, prefix: str) -> LockInfo:
+    """The one lock whose id starts with ``prefix`` (UsageError if none, or several, do)."""
+    want = prefix.strip().lower()
+    if not want or any(c not in "0123456789abcdef" for c in want):
+        raise UsageError(f"{prefix!r} is not a lock id (hexadecimal, as 'unlock' lists them)")
+    found = [lk for lk in list_locks(backend) if lk.lock_id.startswith(want)]
+    if not found:
+        raise UsageError(f"there is no lock with id {want!r}")
+    if len(found) > 1:
+        raise UsageError(f"lock id prefix {want!r} matches more than one lock: use more digits")
+    return found[0]
+
+
+def remove_lock(backend: Backend, lock_id: str) -> bool:
+    """Delete one lock, whoever holds it (``unlock --force``); False if it was gone already.
+    A holder that is still running finds its lock gone at its next refresh, which stores it
+    again, so only a lock whose holder is really gone stays removed."""
+    try:
+        backend.delete(lock_name(lock_id))
+    except NotFound:
+        return False
+    return True

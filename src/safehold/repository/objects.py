@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import os
+import threading
 
 from safehold import crypto
 from safehold.compress import Codec, Compression, compress, decompress
@@ -21,6 +22,22 @@ from safehold.errors import FormatError, IntegrityError
 
 OBJECT_MAGIC = b"SHO1"
 MAX_OBJECT_PLAINTEXT = 1 << 31
+"""No object's plaintext is longer (docs/format.md §5)."""
+MAX_CONFIG_PLAINTEXT = 1 << 16
+"""A config's plaintext is a few hundred bytes; readers refuse more than 64 KiB."""
+RATIO_FLOOR = 16 << 20
+RATIO = 8
+"""A compressed payload of n bytes (exactly one zstd frame: nothing may follow it) may expand to
+at most max(RATIO_FLOOR, RATIO * n) bytes: index objects and plans are mostly random ids and keys
+(zstd shrinks them by a third at most: an index object of 100,000 blob entries compresses 1.3:1),
+and a snapshot is far below the floor (its paths and tags come from a command line), so an
+honest object is far inside this, while a planted one costs at most 8 bytes of memory per byte
+stored (docs/format.md §5)."""
+
+_LARGE = threading.Lock()
+"""Held while an object's payload whose bound exceeds :data:`RATIO_FLOOR` is decompressed: the
+index is loaded on several threads, and several planted objects must not each hold their
+bound's worth of output at once."""
 
 
 class Mode(enum.IntEnum):
@@ -96,4 +113,14 @@ def open_object(
         raise IntegrityError(f"{what} failed authentication (corrupt or tampered)") from None
     if codec == Codec.NONE:
         return body
-    return bytes(decompress(body, codec, MAX_OBJECT_PLAINTEXT))
+    limit = max_plaintext(kind, len(body))
+    if limit <= RATIO_FLOOR:
+        return bytes(decompress(body, codec, limit, what=what, bound="allowed"))
+    with _LARGE:
+        return bytes(decompress(body, codec, limit, what=what, bound="allowed"))
+
+
+def max_plaintext(kind: Kind, payload_len: int) -> int:
+    """The most an object's payload of ``payload_len`` compressed bytes may expand to."""
+    limit = min(MAX_OBJECT_PLAINTEXT, max(RATIO_FLOOR, RATIO * payload_len))
+    return min(limit, MAX_CONFIG_PLAINTEXT) if kind == Kind.CONFIG else limit

@@ -6,14 +6,14 @@ import collections
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from safehold import crypto
-from safehold.backends.base import Backend
+from safehold.backends.base import Backend, older_versions
 from safehold.chunker import Chunker, ChunkerParams
 from safehold.clock import REAL_CLOCK, Clock
 from safehold.compress import Compression, decompress
@@ -26,9 +26,11 @@ from safehold.errors import (
     RepositoryNotFound,
     SafeholdError,
     SnapshotNotFound,
+    UnsupportedVersion,
     UsageError,
-    WrongPassword,
 )
+from safehold.format.common import pack as pack_obj
+from safehold.format.common import unpack
 from safehold.format.config import Config, config_header, split_config
 from safehold.format.index import IndexedPack, IndexFile
 from safehold.format.keyfile import Secrets
@@ -50,7 +52,13 @@ from safehold.ids import (
 )
 from safehold.repository.cache import Cache
 from safehold.repository.index import IndexState, MasterIndex
-from safehold.repository.keys import key_info, make_key_file, try_key_file
+from safehold.repository.keys import (
+    config_from_copy,
+    key_info,
+    make_key_file,
+    unlock,
+    with_config_copy,
+)
 from safehold.repository.locks import RepositoryLock
 from safehold.repository.objects import Kind, meta_object, open_object, seal_object
 
@@ -102,6 +110,10 @@ class Repository:
         self._pack_keys_lock = threading.Lock()
         self._tree_cache: collections.OrderedDict[bytes, list[Node]] = collections.OrderedDict()
         self._tree_lock = threading.Lock()
+        self._damage_lock = threading.Lock()
+        self._damage_pending: set[tuple[bytes, bytes]] = set()  # not yet in the repository
+        self.damage_reasons: dict[tuple[bytes, bytes], str] = {}  # found by this process
+        self.bad_snapshots: dict[str, str] = {}  # snapshot objects that cannot be read -> why
         self.lock_retry_s = 0.0  # how long lock() waits for other clients' locks
         self.clock: Clock = REAL_CLOCK
         self.threads = 4  # parallel reads of index objects and snapshots; 1: none (simulation)
@@ -110,6 +122,12 @@ class Repository:
         )
 
     # --- creating and opening ---------------------------------------------------------------
+
+    config_damaged: str | None = None
+    """Set by :meth:`open`: why the ``config`` object cannot be used (the repository was opened
+    with the copy of the config kept in the key file), or None."""
+    damaged_keys: tuple[tuple[str, str], ...] = ()
+    """Set by :meth:`open`: (name, why) of each key file seen damaged while opening."""
 
     @classmethod
     def init(
@@ -121,6 +139,8 @@ class Repository:
         cache_dir: Path | None = None,
     ) -> Repository:
         options = options or InitOptions()
+        if not password:
+            raise UsageError("refusing an empty password: it would protect nothing")
         Compression.parse(options.compression)
         try:
             chunk = ChunkerParams.for_avg(options.chunk_avg)
@@ -156,45 +176,94 @@ class Repository:
             public_key=public,
             created_ns=time.time_ns(),
         )
+        config_plain = config.to_bytes()
+        problem = config.problem()
+        if problem is not None:
+            raise UsageError(f"invalid repository parameters: {problem}")
+        # each key file keeps a copy of the config, a way in if ``config`` is ever damaged
+        secrets = with_config_copy(secrets, config_plain)
         kdf = options.kdf or crypto.KdfParams.from_env()
         key_data = make_key_file(secrets, password, kdf)
         key_id = storage_id(key_data)
         backend.store(key_name(key_id), key_data)
-        body = meta_object(config.to_bytes(), Kind.CONFIG, meta_key=secrets.meta_key)
+        body = meta_object(config_plain, Kind.CONFIG, meta_key=secrets.meta_key)
         backend.store(CONFIG_NAME, config_header() + body)  # last: the repository now exists
-        return cls(backend, config, secrets, key_id, _cache_for(cache_dir, secrets.repo_id))
+        return cls(backend, config, secrets, key_id, _cache_for(cache_dir, secrets))
 
     @classmethod
     def open(
         cls, backend: Backend, password: bytes, *, cache_dir: Path | None = None
     ) -> Repository:
+        # The clear header first: a newer format fails before the password is used. A config
+        # that is missing or damaged, beside key files, is replaced by the copy in the key file
+        # (docs/format.md §14.2); ``config_damaged`` says so.
+        from safehold.format.common import FORMAT_VERSION
+        from safehold.repository.keys import newer_config, readable_key_file
+
+        body: bytes | None = None
+        damaged: str | None = None
+        newer: UnsupportedVersion | None = None
         try:
-            raw_config = backend.load(CONFIG_NAME)
-        except NotFound:
-            raise RepositoryNotFound(f"there is no repository at {backend.location}") from None
-        body = split_config(raw_config)
-        secrets, key_id = None, ""
-        for info in sorted(backend.list("keys/"), key=lambda i: i.name):
+            raw = backend.load(CONFIG_NAME)
+            body = split_config(raw)
+        except UnsupportedVersion as e:
+            # a newer repository has newer key files too; beside a key file of our version, the
+            # clear header is damaged (one flipped byte) unless the authenticated config itself
+            # says it is newer (checked once a key opens)
+            if readable_key_file(backend) is None:
+                raise
+            newer, body = e, raw[len(config_header()) :]
+        except (NotFound, FormatError) as e:
+            if not any(True for _ in backend.list("keys/")):
+                if isinstance(e, NotFound):
+                    raise RepositoryNotFound(
+                        f"there is no repository at {backend.location}"
+                    ) from None
+                raise
+            damaged = "config is missing" if isinstance(e, NotFound) else f"config: {e}"
+        try:
+            secrets, key_id, damaged_keys = unlock(backend, password)
+        except SafeholdError:
+            if newer is not None:
+                raise newer from None  # no key opens: it may well be a newer repository
+            raise
+        config: Config | None = None
+        if newer is not None and body is not None:
             try:
-                data = backend.load(info.name)
-                if storage_id(data) != name_to_id(info.name):
-                    continue  # a damaged key file cannot be trusted; another may still open
-                secrets = try_key_file(data, password)
-            except (FormatError, NotFound):
-                continue
-            if secrets is not None:
-                key_id = name_to_id(info.name)
-                break
-        if secrets is None:
-            raise WrongPassword("wrong password: no key of the repository opens with it")
-        config = Config.from_bytes(
-            open_object(
-                body, Kind.CONFIG, meta_key=secrets.meta_key, private_key=None, what="config"
+                plain = open_object(
+                    body, Kind.CONFIG, meta_key=secrets.meta_key, private_key=None, what="config"
+                )
+            except IntegrityError:
+                pass  # damaged beyond its header: the copy decides
+            else:
+                if newer_config(plain) is not None:
+                    raise newer
+            version = int.from_bytes(raw[8:10], "little")
+            damaged = (
+                f"config: its header claims format version {version}, but key file "
+                f"keys/{key_id} is of version {FORMAT_VERSION}"
             )
-        )
-        if config.repo_id != secrets.repo_id or config.public_key != secrets.public_key:
-            raise IntegrityError("the key file does not belong to this repository's config")
-        return cls(backend, config, secrets, key_id, _cache_for(cache_dir, secrets.repo_id))
+            body = None
+        if body is not None:
+            try:
+                plain = open_object(
+                    body, Kind.CONFIG, meta_key=secrets.meta_key, private_key=None, what="config"
+                )
+                config = Config.from_bytes(plain)
+            except IntegrityError as e:
+                damaged = str(e) if str(e).startswith("config") else f"config: {e}"
+            else:
+                if config.repo_id != secrets.repo_id or config.public_key != secrets.public_key:
+                    raise IntegrityError(
+                        f"key file keys/{key_id} does not belong to this repository's config"
+                    )
+                secrets = with_config_copy(secrets, plain)  # keys added later keep a copy
+        if config is None:
+            config = config_from_copy(backend, secrets, key_id, damaged or "config is damaged")
+        repo = cls(backend, config, secrets, key_id, _cache_for(cache_dir, secrets))
+        repo.config_damaged = damaged
+        repo.damaged_keys = tuple(sorted(damaged_keys.items()))
+        return repo
 
     def close(self) -> None:
         self.backend.close()
@@ -210,7 +279,10 @@ class Repository:
                 return cached
         data = self.backend.load(name)
         if storage_id(data) != oid:
-            raise IntegrityError(f"{name} does not match its id (corrupt or tampered)")
+            older = (d for d in older_versions(self.backend, name) if storage_id(d) == oid)
+            data = next(older, b"")
+            if not data:
+                raise IntegrityError(f"{name} does not match its id (corrupt or tampered)")
         if use_cache and self.cache is not None:
             self.cache.put(name, data)
         return data
@@ -316,6 +388,14 @@ class Repository:
         for index_id in sorted(state.superseded):
             for p in files[index_id].packs:
                 index.add_pack(truth.get(p.pack_id, p), live=False)
+        for f in files.values():
+            for pack_id, blob_id in f.damaged:
+                index.mark_damaged(pack_id, blob_id)
+        for pack_id, blob_id in self._local_damage():
+            index.mark_damaged(pack_id, blob_id)
+        with self._damage_lock:
+            for pack_id, blob_id in self._damage_pending:
+                index.mark_damaged(pack_id, blob_id)
         index.state = state
         if self.cache is not None:
             self.cache.forget_missing("index", set(ids))
@@ -341,6 +421,67 @@ class Repository:
             except SafeholdError:
                 continue  # missing or unreadable: no listing is better than another
         return truth
+
+    # --- damage -------------------------------------------------------------------------------
+
+    DAMAGE_CACHE_NAME = "damaged"
+
+    def _local_damage(self) -> set[tuple[bytes, bytes]]:
+        """The damage this machine has seen (kept in the local cache, sealed)."""
+        get = getattr(self.cache, "get_private", None)
+        if get is None:
+            return set()
+        raw = get(self.DAMAGE_CACHE_NAME)
+        if raw is None:
+            return set()
+        try:
+            items = unpack(raw, "damage record")
+            return {
+                (bytes(p), bytes(b))
+                for p, b in items
+                if isinstance(p, bytes) and isinstance(b, bytes) and len(p) == len(b) == 32
+            }
+        except (FormatError, TypeError, ValueError):
+            return set()  # a cache file that cannot be read only costs speed
+
+    def note_damaged(self, pack_id: bytes, blob_ids: Iterable[bytes], reason: str) -> None:
+        """Record that the copies of these blobs in ``pack_id`` are damaged or gone: readers try
+        other copies first, and the next backup stores the blobs again (which heals every
+        snapshot that uses them). Kept in the local cache at once; :meth:`save_damage` writes it
+        into the repository."""
+        new = {(pack_id, b) for b in blob_ids}
+        with self._damage_lock:
+            new -= set(self.damage_reasons)
+            if not new:
+                return
+            for pair in new:
+                self.damage_reasons[pair] = reason
+            self._damage_pending |= new
+        index = self._index
+        if index is not None:
+            for p, b in new:
+                index.mark_damaged(p, b)
+        put = getattr(self.cache, "put_private", None)
+        if put is not None:
+            known = self._local_damage() | new
+            put(self.DAMAGE_CACHE_NAME, pack_obj(sorted([p, b] for p, b in known)))
+
+    def save_damage(self) -> str | None:
+        """Write the damage found by this process into the repository as an index object that
+        lists no packs (docs/format.md §9.4), so that every client learns it. Only with a full key
+        (a read-only or write-only key leaves the record in the local cache). Returns the index
+        object's id, or None if there was nothing to write or it could not be written."""
+        with self._damage_lock:
+            pending = sorted(self._damage_pending)
+        if not pending or self.secrets.private_key is None:
+            return None
+        try:
+            iid = self.store_index(IndexFile(damaged=pending))
+        except SafeholdError:
+            return None  # storage refused (read-only, append-only rules): the cache keeps it
+        with self._damage_lock:
+            self._damage_pending -= set(pending)
+        return iid
 
     # --- blobs --------------------------------------------------------------------------------
 
@@ -371,6 +512,10 @@ class Repository:
         what = f"blob {entry.id.hex()[:16]} in pack {pack_id.hex()[:16]}"
         if len(stored) != entry.length:
             raise IntegrityError(f"{what} is truncated")
+        if entry.type == BlobType.DATA and entry.raw_length > self.config.chunk_max:
+            # data blobs are chunks: none is longer than the chunker's maximum (a listing that
+            # says otherwise is forged, and would make readers allocate what it claims)
+            raise IntegrityError(f"{what} claims to be larger than any chunk can be")
         aead = self.pack_aead(pack_id)
         view = memoryview(stored)
         try:
@@ -386,31 +531,96 @@ class Repository:
         return data
 
     def read_blob(self, blob_id: bytes) -> bytes | memoryview:
-        loc = self.index.lookup(blob_id)
-        if loc is None:
+        """A blob's plaintext, verified. Every known copy is tried, undamaged ones first (and on a
+        versioned bucket, earlier versions of a damaged pack); a copy that fails verification is
+        recorded as damaged (:meth:`note_damaged`). IntegrityError if no copy is good."""
+        locs = self.index.locations(blob_id)
+        if not locs:
             raise IntegrityError(f"blob {blob_id.hex()[:16]} is not in the index (data lost?)")
-        e = loc.entry
-        name = pack_name(loc.pack_id.hex())
+        first: SafeholdError | None = None
+        for loc in locs:
+            try:
+                return self._read_blob_at(loc.pack_id, loc.entry)
+            except IntegrityError as e:
+                self.note_damaged(loc.pack_id, [blob_id], str(e))
+                first = first or e
+            except NotFound:
+                first = first or IntegrityError(
+                    f"blob {blob_id.hex()[:16]}: pack {loc.pack_id.hex()[:16]} is missing"
+                )
+        assert first is not None
+        raise first
+
+    def copy_is_good(self, pack_id: bytes, entry: PackEntry) -> bool:
+        """Whether the copy of a blob in a pack reads and verifies now (a damage record can be
+        wrong: a byte put back, a failure that passed, a forged record)."""
+        try:
+            self._read_blob_at(pack_id, entry)
+            return True
+        except (IntegrityError, NotFound):
+            return False
+
+    def _read_blob_at(self, pack_id: bytes, e: PackEntry) -> bytes | memoryview:
+        name = pack_name(pack_id.hex())
         if e.type == BlobType.TREE and self.cache is not None:
             # tree packs are cached whole; a cached blob is authenticated like any other, and a
             # damaged cache file is dropped and read again from the repository
             cached = self.cache.get_range(name, e.offset, e.length)
             if cached is not None:
                 try:
-                    return self.decode_blob(loc.pack_id, e, cached)
+                    return self.decode_blob(pack_id, e, cached)
                 except IntegrityError:
                     self.cache.drop(name)
-            packed = self.load_verified(name)
-            self.cache.put(name, packed)
-            return self.decode_blob(
-                loc.pack_id, e, memoryview(packed)[e.offset : e.offset + e.length]
-            )
-        return self.decode_blob(loc.pack_id, e, self.backend.load(name, e.offset, e.length))
+            try:
+                packed = self.load_verified(name)
+            except IntegrityError:
+                packed = None  # damaged somewhere: read this blob alone, cache nothing
+            if packed is not None:
+                self.cache.put(name, packed)
+                return self.decode_blob(
+                    pack_id, e, memoryview(packed)[e.offset : e.offset + e.length]
+                )
+        try:
+            return self.decode_blob(pack_id, e, self.backend.load(name, e.offset, e.length))
+        except IntegrityError as err:
+            try:
+                return self._read_older_version(pack_id, e)
+            except IntegrityError:
+                raise err from None
+
+    @overload
+    def read_pack_blobs(
+        self,
+        pack_id: bytes,
+        entries: list[PackEntry],
+        *,
+        max_gap: int = ...,
+        errors: Literal[False] = ...,
+    ) -> Iterator[tuple[PackEntry, bytes | memoryview]]: ...
+
+    @overload
+    def read_pack_blobs(
+        self,
+        pack_id: bytes,
+        entries: list[PackEntry],
+        *,
+        max_gap: int = ...,
+        errors: Literal[True],
+    ) -> Iterator[tuple[PackEntry, bytes | memoryview | IntegrityError]]: ...
 
     def read_pack_blobs(
-        self, pack_id: bytes, entries: list[PackEntry], *, max_gap: int = 1 << 20
-    ) -> Iterator[tuple[PackEntry, bytes | memoryview]]:
-        """Read several blobs of one pack with as few range reads as possible, in offset order."""
+        self,
+        pack_id: bytes,
+        entries: list[PackEntry],
+        *,
+        max_gap: int = 1 << 20,
+        errors: bool = False,
+    ) -> Iterator[tuple[PackEntry, bytes | memoryview | IntegrityError]]:
+        """Read several blobs of one pack with as few range reads as possible, in offset order.
+
+        A blob that fails verification raises IntegrityError, or with ``errors=True`` is yielded
+        as ``(entry, IntegrityError)`` (and recorded as damaged) so the caller can go on with the
+        others and try another copy with :meth:`read_blob`."""
         entries = sorted(entries, key=lambda e: e.offset)
         name = pack_name(pack_id.hex())
         i = 0
@@ -426,13 +636,30 @@ class Repository:
             end = entries[j - 1].offset + entries[j - 1].length
             data = memoryview(self.backend.load(name, start, end - start))
             for e in entries[i:j]:
-                yield (
-                    e,
-                    self.decode_blob(
+                try:
+                    blob = self.decode_blob(
                         pack_id, e, data[e.offset - start : e.offset - start + e.length]
-                    ),
-                )
+                    )
+                except IntegrityError as err:
+                    if not errors:
+                        raise
+                    try:
+                        blob = self._read_older_version(pack_id, e)
+                    except IntegrityError:
+                        self.note_damaged(pack_id, [e.id], str(err))
+                        yield e, err
+                        continue
+                yield e, blob
             i = j
+
+    def _read_older_version(self, pack_id: bytes, e: PackEntry) -> bytes | memoryview:
+        name = pack_name(pack_id.hex())
+        for older in older_versions(self.backend, name):
+            try:
+                return self.decode_blob(pack_id, e, older[e.offset : e.offset + e.length])
+            except IntegrityError:
+                continue
+        raise IntegrityError(f"blob {e.id.hex()[:16]}: no earlier version of its pack is good")
 
     def read_tree(self, tree_id: bytes) -> list[Node]:
         with self._tree_lock:
@@ -457,7 +684,7 @@ class Repository:
 
     def read_pack_header(self, pack_id: str, size: int | None = None) -> list[PackEntry]:
         """The blob list from a pack's own header (for check and index rebuilding)."""
-        from safehold.format.pack import TRAILER, check_entries, parse_trailer
+        from safehold.format.pack import PACK_MAGIC, TRAILER, check_entries, parse_trailer
 
         name = pack_name(pack_id)
         if size is None:
@@ -465,6 +692,8 @@ class Repository:
         if size < PACK_PREFIX_LEN + TRAILER.size:
             raise IntegrityError(f"pack {pack_id[:16]} is truncated")
         prefix = self.backend.load(name, 0, PACK_PREFIX_LEN)
+        if prefix[:4] != PACK_MAGIC:
+            raise IntegrityError(f"pack {pack_id[:16]} does not begin as a pack does (damaged)")
         tail = self.backend.load(name, size - TRAILER.size, TRAILER.size)
         try:
             off, ln = parse_trailer(tail, size)
@@ -492,11 +721,23 @@ class Repository:
         except NotFound:
             return None  # forgotten since it was listed
 
+    def _load_snapshot_or_error(self, snapshot_id: str) -> Snapshot | SafeholdError | None:
+        try:
+            return self.load_snapshot(snapshot_id)
+        except NotFound:
+            return None  # forgotten since it was listed
+        except (IntegrityError, UnsupportedVersion) as e:
+            return e
+
     def snapshots(self) -> list[Snapshot]:
-        """Every snapshot, oldest first."""
+        """Every readable snapshot, oldest first. A snapshot object that cannot be read (damaged,
+        forged, of an unknown version) is skipped and named in :attr:`bad_snapshots` (name ->
+        why), so that one damaged object never stops the repository."""
         ids = self.list_ids("snapshots/")
-        snaps = self._map(self._load_snapshot_if_present, ids)
-        snaps = [s for s in snaps if s is not None]
+        got = self._map(self._load_snapshot_or_error, ids)
+        bad = {snapshot_name(i): str(g) for i, g in zip(ids, got) if isinstance(g, SafeholdError)}
+        self.bad_snapshots = bad
+        snaps = [s for s in got if isinstance(s, Snapshot)]
         if self.cache is not None:
             self.cache.forget_missing("snapshots", set(ids))
         snaps.sort(key=lambda s: (s.time_ns, s.id))
@@ -566,8 +807,16 @@ class Repository:
         for info in self.backend.list("keys/"):
             kid = name_to_id(info.name)
             try:
-                kf = key_info(self.backend.load(info.name))
-            except (FormatError, NotFound):
+                data = self.backend.load(info.name)
+            except NotFound:
+                continue
+            try:
+                if storage_id(data) != kid:
+                    raise FormatError("does not match its name")
+                kf = key_info(data)
+            except FormatError:
+                # listed (kind "damaged") so that it can be named and removed
+                out.append(KeyEntry(kid, "damaged", "", "", "", False))
                 continue
             out.append(KeyEntry(kid, kf.kind, kf.created, kf.host, kf.user, kid == self.key_id))
         return sorted(out, key=lambda k: k.created)
@@ -585,7 +834,7 @@ class Repository:
             raise UsageError(f"no key with id {key_id_prefix!r}")
         if len(found) > 1:
             raise UsageError(f"key id prefix {key_id_prefix!r} is ambiguous")
-        if len(keys) <= 1:
+        if found[0].kind != "damaged" and sum(1 for k in keys if k.kind != "damaged") <= 1:
             raise UsageError("refusing to remove the last key: the repository would be unreadable")
         if found[0].current:
             raise UsageError("refusing to remove the key in use: open with another key first")
@@ -627,7 +876,13 @@ def filter_snapshots(
     return out
 
 
-def _cache_for(cache_dir: Path | None, repo_id: bytes) -> Cache | None:
+CACHE_KEY_CONTEXT = b"safehold 1 local cache key".ljust(32, b"\0")
+
+
+def _cache_for(cache_dir: Path | None, secrets: Secrets) -> Cache | None:
+    """The repository's local cache; what it keeps privately is sealed under a key derived from
+    the repository's meta key (never the key itself)."""
     if cache_dir is None:
         return None
-    return Cache(cache_dir / repo_id.hex())
+    key = crypto.meta_object_key(secrets.meta_key, CACHE_KEY_CONTEXT)
+    return Cache(cache_dir / secrets.repo_id.hex(), key=key)

@@ -1,0 +1,252 @@
+"""Walking a snapshot's trees without recursion and with bounded work.
+
+A snapshot's trees form a DAG: a tree id may be referenced from many places (identical
+directories share one tree). A hostile repository can use that to make a tiny snapshot expand to
+billions of paths (each level referencing the next twice, 30 levels deep: 2^30 paths from 30
+trees). Every walk here is iterative (an explicit stack: a 10,000-level tree walks like a flat
+one) and bounded: it refuses with :class:`IntegrityError` once it meets more entries than the
+snapshot recorded (:func:`entry_limit`), or than :data:`NO_SUMMARY_LIMIT` when it recorded none.
+:func:`tree_totals` computes a tree's expanded size once per distinct tree id, so it finds such a
+DAG after reading only its distinct trees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from safehold.errors import FormatError, IntegrityError, SafeholdError
+from safehold.format.snapshot import Snapshot
+from safehold.format.tree import Node, salvage_tree
+from safehold.repository.repo import Repository
+
+Parts = tuple[bytes, ...]
+ErrorHandler = Callable[[Parts, SafeholdError], None]
+"""Called with the path of a directory whose tree cannot be read (its contents are skipped),
+or of an entry that is invalid (a field outside its bounds, an invalid or duplicate name: the
+entry is skipped, the other entries of its tree are not)."""
+
+UNNAMED = b"<an entry without a valid name>"
+"""The name an invalid entry is reported under when its name cannot be read."""
+
+NO_SUMMARY_LIMIT = 50_000_000
+"""Entries a snapshot that records no counts may expand to."""
+HARD_LIMIT = 1 << 30
+"""Entries no snapshot may expand to, whatever its summary claims (a summary is written with the
+repository's key: a thief of that key could claim any count)."""
+SLACK = 10_000
+"""Entries a walk may meet beyond twice the recorded counts (the directories above the backed-up
+paths, counters of older versions)."""
+
+_COUNT_KEYS = ("files_new", "files_changed", "files_unmodified", "dirs", "other_entries")
+
+
+def expands_error(limit: int) -> IntegrityError:
+    return IntegrityError(
+        "the snapshot's trees expand beyond what it recorded "
+        f"(more than {limit:,} entries): damaged or hostile"
+    )
+
+
+def entry_limit(snapshot: Snapshot | None) -> int:
+    """How many entries a walk of ``snapshot`` may meet before it is called damaged or hostile:
+    twice the entries its summary recorded plus :data:`SLACK`, or :data:`NO_SUMMARY_LIMIT` when
+    the summary holds no counts."""
+    summary = snapshot.summary if snapshot is not None else {}
+    vals = [summary.get(k) for k in _COUNT_KEYS]
+    if not all(type(v) is int and v >= 0 for v in vals):
+        return NO_SUMMARY_LIMIT
+    recorded = sum(v for v in vals if isinstance(v, int))
+    return min(2 * recorded + SLACK, HARD_LIMIT)
+
+
+def records_counts(snapshot: Snapshot | None) -> bool:
+    """Whether the snapshot's summary records how many entries it holds."""
+    return entry_limit(snapshot) != NO_SUMMARY_LIMIT
+
+
+def check_name(name: bytes) -> None:
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise IntegrityError(f"refusing unsafe name {name!r} in the snapshot")
+
+
+def walk_tree(
+    repo: Repository,
+    tree_id: bytes,
+    *,
+    prefix: Parts = (),
+    limit: int | None = None,
+    on_error: ErrorHandler | None = None,
+    descend: Callable[[Parts, Node], bool] | None = None,
+    check_names: bool = False,
+) -> Iterator[tuple[Parts, Node]]:
+    """Every entry below ``tree_id`` with its path (``prefix`` + names), pre-order, in each
+    tree's order, without recursion.
+
+    A directory's tree is read after the directory is yielded, and only if ``descend`` (when
+    given) says so. A tree that cannot be read raises, or with ``on_error`` is reported by the
+    directory's path and skipped. ``check_names``: unsafe names (``/``, ``.``, ``..``, NUL,
+    empty) and a name met twice in one tree are errors (raised, or reported and skipped).
+    Raises :class:`IntegrityError` once more than ``limit`` entries (default
+    :data:`NO_SUMMARY_LIMIT`) were met."""
+    cap = NO_SUMMARY_LIMIT if limit is None else limit
+    count = 0
+    # each frame: the directory's path and its remaining entries (reversed: pop from the end)
+    stack: list[tuple[Parts, list[Node]]] = []
+    first = _read(repo, tree_id, prefix, on_error)
+    if first is not None:
+        stack.append((prefix, first[::-1]))
+    seen: list[set[bytes]] = [set()]
+    while stack:
+        parts, nodes = stack[-1]
+        if not nodes:
+            stack.pop()
+            seen.pop()
+            continue
+        node = nodes.pop()
+        path = (*parts, node.name)
+        if check_names:
+            try:
+                check_name(node.name)
+                if node.name in seen[-1]:
+                    raise IntegrityError(f"duplicate name {node.name!r} in a snapshot tree")
+            except IntegrityError as e:
+                if on_error is None:
+                    raise
+                on_error(path, e)
+                continue
+            seen[-1].add(node.name)
+        count += 1
+        if count > cap:
+            raise expands_error(cap)
+        yield path, node
+        if node.type == "dir" and node.subtree is not None:
+            if descend is not None and not descend(path, node):
+                continue
+            children = _read(repo, node.subtree, path, on_error)
+            if children is not None:
+                stack.append((path, children[::-1]))
+                seen.append(set())
+
+
+def _read(
+    repo: Repository, tree_id: bytes, parts: Parts, on_error: ErrorHandler | None
+) -> list[Node] | None:
+    try:
+        return repo.read_tree(tree_id)
+    except SafeholdError as e:
+        if on_error is None:
+            raise
+        if isinstance(e, FormatError):
+            # a tree that decrypts but holds invalid entries: only those are lost
+            got = _salvage(repo, tree_id, parts, on_error)
+            if got is not None:
+                return got
+        on_error(parts, e)
+        return None
+
+
+def _salvage(
+    repo: Repository, tree_id: bytes, parts: Parts, on_error: ErrorHandler
+) -> list[Node] | None:
+    """The valid entries of a tree whose invalid entries are each reported by their path; None
+    if the tree as a whole cannot be read."""
+    try:
+        nodes, bad = salvage_tree(repo.read_blob(tree_id))
+    except SafeholdError:
+        return None
+    if not bad:
+        return None  # not an entry's fault: the tree's own error stands
+    for name, err in bad:
+        on_error((*parts, name or UNNAMED), err)
+    return nodes
+
+
+@dataclass(frozen=True, slots=True)
+class TreeTotals:
+    """What a tree holds, every path counted (a shared subtree once per place it appears)."""
+
+    entries: int = 0
+    files: int = 0
+    dirs: int = 0
+    bytes: int = 0  # the sizes of its files
+
+
+_EMPTY = TreeTotals()
+
+
+def tree_totals(
+    repo: Repository,
+    tree_id: bytes,
+    *,
+    limit: int | None = None,
+    memo: dict[bytes, TreeTotals] | None = None,
+    on_error: ErrorHandler | None = None,
+) -> TreeTotals:
+    """The expanded size of a tree, reading each distinct tree once (``memo``, tree id ->
+    totals, may be shared between calls: a tree's totals depend only on its id). Iterative.
+
+    Raises :class:`IntegrityError` as soon as a tree expands to more than ``limit`` entries
+    (default :data:`NO_SUMMARY_LIMIT`) or a tree contains itself. A tree that cannot be read
+    raises, or with ``on_error`` is reported (by the path where it was first met) and counts as
+    empty."""
+    cap = NO_SUMMARY_LIMIT if limit is None else limit
+    memo = {} if memo is None else memo
+    active: set[bytes] = set()
+    # frames: (tree id, its path, its nodes once read)
+    stack: list[tuple[bytes, Parts, list[Node] | None]] = [(tree_id, (), None)]
+    while stack:
+        tid, parts, nodes = stack[-1]
+        if nodes is None:
+            if tid in memo:
+                stack.pop()
+                continue
+            if tid in active:
+                raise IntegrityError("a snapshot tree contains itself: damaged or hostile")
+            read = _read(repo, tid, parts, on_error)
+            if read is None:
+                memo[tid] = _EMPTY
+                stack.pop()
+                continue
+            active.add(tid)
+            stack[-1] = (tid, parts, read)
+            for n in read:
+                if n.type == "dir" and n.subtree is not None and n.subtree not in memo:
+                    stack.append((n.subtree, (*parts, n.name), None))
+            continue
+        entries = files = dirs = size = 0
+        for n in nodes:
+            entries += 1
+            if n.type == "file":
+                files += 1
+                size += n.size
+            elif n.type == "dir":
+                dirs += 1
+                if n.subtree is not None:
+                    sub = memo.get(n.subtree, _EMPTY)
+                    entries += sub.entries
+                    files += sub.files
+                    dirs += sub.dirs
+                    size += sub.bytes
+        if entries > cap:
+            raise expands_error(cap)
+        memo[tid] = TreeTotals(entries, files, dirs, size)
+        active.discard(tid)
+        stack.pop()
+    total = memo[tree_id]
+    if total.entries > cap:
+        raise expands_error(cap)
+    return total
+
+
+def snapshot_totals(
+    repo: Repository,
+    snapshot: Snapshot,
+    *,
+    memo: dict[bytes, TreeTotals] | None = None,
+    on_error: ErrorHandler | None = None,
+) -> TreeTotals:
+    """:func:`tree_totals` of a snapshot's root tree, bounded by :func:`entry_limit`."""
+    return tree_totals(
+        repo, snapshot.tree, limit=entry_limit(snapshot), memo=memo, on_error=on_error
+    )
