@@ -31,6 +31,9 @@ whole (damaged or missing data, a full disk, an I/O error) never appears under i
 name, and an existing file of that name is left as it was. Damage costs only what
 it touches: every other entry is restored, and each entry not restored is named.
 
+DIR is made if missing. DIR itself may be a symlink to a directory (followed, as
+cd would); no symlink below it is ever followed.
+
 exit status:
   0  everything was restored
   1  warnings only: entries restore does not create (sockets; devices unless run
@@ -40,6 +43,8 @@ exit status:
   4  the repository is damaged: entries whose data or directory could not be read
      were named and skipped (takes precedence over 2); or the snapshot's trees
      expand beyond what it recorded (damaged or hostile): nothing is restored
+  130 interrupted (SIGINT, SIGTERM): files being written are removed; while the
+     snapshot is still being read, before anything is written, nothing is written
 """
 
 

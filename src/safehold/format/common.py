@@ -26,8 +26,10 @@ class _TooManyContainers(ValueError):
     pass
 
 
-def unpack(data: bytes | memoryview, what: str) -> Any:
+def unpack(data: bytes | memoryview, what: str, *, max_field: int | None = None) -> Any:
+    """Decode msgpack; ``max_field`` bounds every str and bin (trees: no field is longer)."""
     limit = len(data) // CONTAINER_BYTES + 1024
+    field_max = len(data) if max_field is None else min(len(data), max_field)
     count = 0
 
     def counted(obj: Any) -> Any:
@@ -46,6 +48,8 @@ def unpack(data: bytes | memoryview, what: str) -> Any:
             object_hook=counted,
             max_array_len=len(data),
             max_map_len=len(data),
+            max_str_len=field_max,
+            max_bin_len=field_max,
         )
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise FormatError(f"{what} is not valid: {e}") from None

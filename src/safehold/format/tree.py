@@ -30,6 +30,24 @@ FILE_TYPE_BITS = {
 """The ``st_mode`` file-type bits of each node type."""
 _MODE_TYPES = frozenset((0, *FILE_TYPE_BITS.values()))
 
+# the bounds of a node's variable-length fields (docs/format.md §10), each above the limit the
+# systems safehold backs up put on it (so that an honest backup never writes more): a tree holding
+# a longer one is refused as damaged or forged
+NAME_MAX = 4096
+"""Bytes of an entry's name (Linux and macOS: 255; PATH_MAX is 4096)."""
+TARGET_MAX = 65536
+"""Bytes of a symlink's target (Linux: below PATH_MAX, 4096; readlink returns at most that)."""
+OWNER_MAX = 1024
+"""Bytes (UTF-8) of a user or group name (glibc: LOGIN_NAME_MAX 256; useradd: 32)."""
+XATTR_NAME_MAX = 255
+"""Bytes of an extended attribute's name (Linux: XATTR_NAME_MAX 255)."""
+XATTR_VALUE_MAX = 65536
+"""Bytes of an extended attribute's value (Linux: XATTR_SIZE_MAX 65536)."""
+XATTR_COUNT_MAX = 16384
+"""Extended attributes of one entry (Linux: listxattr returns their names NUL-terminated in at
+most XATTR_LIST_MAX = 65536 bytes, each at least 4 bytes: a namespace prefix such as ``user.``
+and a NUL; so fewer than 16,384)."""
+
 
 @dataclass(slots=True)
 class Node:
@@ -136,6 +154,14 @@ class Node:
             or not all(type(k) is bytes and type(v) is bytes for k, v in xa.items())
         ):
             raise FormatError("tree entry has malformed xattrs")
+        if (
+            len(node.name) > NAME_MAX
+            or len(node.target) > TARGET_MAX
+            or not _owner_ok(node.user)
+            or not _owner_ok(node.group)
+            or (xa is not None and not _xattrs_ok(xa))
+        ):
+            raise FormatError(_too_long(node))
         if node.type == "file" and content is None:
             raise FormatError("file entry has no content list")
         if node.type == "dir" and sub is None:
@@ -186,6 +212,42 @@ def _out_of_bounds(node: Node) -> str:
     raise AssertionError("no field out of bounds")  # pragma: no cover
 
 
+def _owner_ok(name: str) -> bool:
+    # a str of n characters encodes to n ... 4n bytes of UTF-8: only those in between are encoded
+    # (never a huge one: encoding it would cost as much again)
+    n = len(name)
+    return n * 4 <= OWNER_MAX or (
+        n <= OWNER_MAX and len(name.encode("utf-8", "surrogateescape")) <= OWNER_MAX
+    )
+
+
+def _xattrs_ok(xa: dict[bytes, bytes]) -> bool:
+    return len(xa) <= XATTR_COUNT_MAX and all(
+        len(k) <= XATTR_NAME_MAX and len(v) <= XATTR_VALUE_MAX for k, v in xa.items()
+    )
+
+
+def _too_long(node: Node) -> str:
+    """Which variable-length field of ``node`` exceeds its bound, as an error message."""
+    what = f"tree entry {node.name[:64]!r}{'...' if len(node.name) > 64 else ''}"
+    if len(node.name) > NAME_MAX:
+        return f"{what} has a name of {len(node.name)} bytes, more than {NAME_MAX}"
+    if len(node.target) > TARGET_MAX:
+        return f"{what} has a target of {len(node.target)} bytes, more than {TARGET_MAX}"
+    for key in ("user", "group"):
+        if not _owner_ok(getattr(node, key)):
+            return f"{what} has a {key} name longer than {OWNER_MAX} bytes"
+    xa = node.xattrs or {}
+    if len(xa) > XATTR_COUNT_MAX:
+        return f"{what} has {len(xa)} xattrs, more than {XATTR_COUNT_MAX}"
+    for k, v in xa.items():
+        if len(k) > XATTR_NAME_MAX:
+            return f"{what} has an xattr name of {len(k)} bytes, more than {XATTR_NAME_MAX}"
+        if len(v) > XATTR_VALUE_MAX:
+            return f"{what} has an xattr value of {len(v)} bytes, more than {XATTR_VALUE_MAX}"
+    raise AssertionError("no field too long")  # pragma: no cover
+
+
 def _ints(n: Node) -> tuple[int, ...]:
     return (
         n.mode,
@@ -230,7 +292,9 @@ def salvage_tree(data: bytes | memoryview) -> tuple[list[Node], list[tuple[bytes
 
 def _raw_nodes(data: bytes | memoryview) -> list[Any]:
     what = "tree"
-    obj = need_map(unpack(data, what), what)
+    # no field may be longer than 64 KiB (below); one beyond 16 MiB is refused before it is
+    # even allocated (costing the whole tree: no honest field comes near)
+    obj = need_map(unpack(data, what, max_field=16 << 20), what)
     check_version(obj, what)
     nodes: list[Any] = field(obj, "nodes", list, what)
     return nodes

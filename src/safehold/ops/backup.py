@@ -52,6 +52,9 @@ SLOW_SCAN_S = 10e-6
 REREAD_CTIME = 0
 """The ctime recorded for a file that changed while it was read (no file has it): the next
 backup never takes the file as unmodified, whatever its timestamps say then."""
+RACY_NS = 3_000_000_000
+"""On a file system with whole-second timestamps, a file whose mtime or ctime is this close to
+the end of its read is read again by the next backup (FAT's mtime ticks every 2 s)."""
 
 
 @dataclass
@@ -157,6 +160,11 @@ class _Link:
 
     ident: tuple[int, int, int]  # size, mtime, ctime
     content: list[bytes] | None = None
+
+
+def _coarse(node: Node) -> bool:
+    """Whether the file's timestamps look whole-second (a file system without finer ones)."""
+    return node.mtime_ns % 1_000_000_000 == 0 and node.ctime_ns % 1_000_000_000 == 0
 
 
 def _ident(st: os.stat_result) -> tuple[int, int, int]:
@@ -312,6 +320,11 @@ class _Archiver:
                 "the next backup reads it again"
             )
             node.size = total
+            node.ctime_ns = REREAD_CTIME
+        elif _coarse(node) and max(node.mtime_ns, node.ctime_ns) >= time.time_ns() - RACY_NS:
+            # on a file system with whole-second timestamps (FAT, ext4 with small inodes, some
+            # network file systems), a change in the same second as this read would leave size
+            # and times as they are: read it again next time (git's "racily clean" rule)
             node.ctime_ns = REREAD_CTIME
         return content
 

@@ -41,6 +41,7 @@ from safehold.format.pack import (
 from safehold.format.snapshot import Snapshot
 from safehold.format.tree import Node
 from safehold.ids import is_hex_id, name_to_id, pack_name, snapshot_name, storage_hasher, storage_id
+from safehold.ops.walk import check_expansion
 from safehold.repository.index import IndexState
 from safehold.repository.keys import verify_key_file
 from safehold.repository.locks import list_locks
@@ -436,6 +437,7 @@ class _Check:
         """Every tree readable (each read once), every referenced blob in a pack in storage, and
         no snapshot whose trees expand to more than its summary says was backed up."""
         counts: dict[bytes, tuple[int, int]] = {}  # tree -> (regular files, entries) below it
+        shape: dict[bytes, tuple[int, tuple[bytes, ...]]] = {}  # tree -> own entries, subtrees
         reported: set[bytes] = set()
         for snap in snapshots:
             # iterative post-order: a tree is counted once all of its subtrees are
@@ -447,14 +449,17 @@ class _Check:
                     stack.pop()
                     expanding.discard(tid)
                     files = entries = 0
+                    subs: dict[bytes, None] = {}
                     for n in nodes:
                         entries += 1
                         if n.type == "file":
                             files += 1
                         elif n.type == "dir" and n.subtree is not None:
+                            subs[n.subtree] = None
                             f, e = counts.get(n.subtree, (0, 0))
                             files, entries = files + f, entries + e
                     counts[tid] = (min(files, COUNT_CAP), min(entries, COUNT_CAP))
+                    shape[tid] = (len(nodes), tuple(subs))
                     continue
                 if tid in counts:
                     stack.pop()
@@ -483,7 +488,32 @@ class _Check:
                                 f"snapshot {snap.id[:8]}: {npath}: data blob {c.hex()[:16]} is lost"
                             )
             self.compare_summary(snap, counts.get(snap.tree, (0, 0)))
+            self.check_expansion(snap, counts.get(snap.tree, (0, 0))[1], shape)
         self.res.trees = len(counts)
+
+    def check_expansion(
+        self, snap: Snapshot, entries: int, shape: dict[bytes, tuple[int, tuple[bytes, ...]]]
+    ) -> None:
+        """A snapshot may not expand to more paths than :func:`~safehold.ops.walk.expansion_bound`
+        of its distinct entries (a bound the summary, written with the key, cannot forge)."""
+
+        def distinct() -> int:
+            seen = {snap.tree}
+            stack = [snap.tree]
+            total = 0
+            while stack:
+                own, subs = shape.get(stack.pop(), (0, ()))
+                total += own
+                for c in subs:
+                    if c not in seen:
+                        seen.add(c)
+                        stack.append(c)
+            return total
+
+        try:
+            check_expansion(entries, distinct)
+        except IntegrityError as e:
+            self.damage(f"snapshot {snap.id[:8]}: {e}")
 
     def check_size(self, snap: Snapshot, path: str, node: Node) -> None:
         """A file's recorded size is the sum of its blobs' raw lengths (a blob not in the

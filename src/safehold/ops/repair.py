@@ -195,9 +195,14 @@ def repair_index(
         )
         true = r.stray_of
         taken = results.get(true)
-        if true in stored and taken is not None and taken.stray_of is not None:
-            # its own name holds another pack's content (names swapped): this content is the
-            # only copy of its pack, so its blobs are copied into a new pack (below)
+        if (
+            true in stored
+            and taken is not None
+            and (taken.stray_of is not None or taken.pack is None or taken.bad)
+        ):
+            # its own name holds another pack's content (names swapped), or the pack there is
+            # damaged: this content is the only intact copy of its pack, so its blobs are
+            # copied into a new pack (below)
             data = _load(repo, name, stored.get(key, odd.get(name, 0)))
             got = ex.examine_bytes(bytes.fromhex(true), data)
             if got.pack is not None and got.pack.blobs:

@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pathspec
 
@@ -153,13 +153,78 @@ def plan_restore(
     subpath: str | None = None,
     on_error: Callable[[Parts, SafeholdError, bool], None] | None = None,
     limit: int | None = None,
+    stop: threading.Event | None = None,
 ) -> list[PlanItem]:
     """The entries to restore, parents before children (pre-order), without recursion.
 
     ``on_error(parts, error, unreadable_dir)``: a directory whose tree cannot be read
     (``unreadable_dir``), or an entry with an unsafe or duplicate name, is reported and left out
     of the plan (without ``on_error``: raises). ``limit``: the
-    entries the walk may meet (default: :func:`~safehold.ops.walk.entry_limit`)."""
+    entries the walk may meet (default: :func:`~safehold.ops.walk.entry_limit`). ``stop``:
+    once set, planning stops promptly with :class:`Interrupted` (checked at every entry and
+    before every tree is read)."""
+    stop = stop or threading.Event()
+    try:
+        return _plan(
+            _StopOnRead.wrap(repo, stop),
+            snapshot,
+            includes=includes,
+            excludes=excludes,
+            subpath=subpath,
+            on_error=on_error,
+            limit=limit,
+            stop=stop,
+        )
+    except _Stopped:
+        raise Interrupted("interrupted") from None
+
+
+class _Stopped(Exception):
+    """A walk met the stop event. Deliberately not a :class:`SafeholdError`: the walks of
+    :mod:`safehold.ops.walk` report those as unreadable trees and go on, this one must end them."""
+
+
+class _StopOnRead:
+    """The repository as restore's walks see it: every tree read first checks the stop event,
+    so that a walk (:func:`~safehold.ops.walk.tree_totals` sizing a large snapshot, which
+    yields nothing until it is done, and :func:`~safehold.ops.walk.walk_tree`) ends promptly
+    with :class:`_Stopped` once it is set. Everything else is the repository's own."""
+
+    def __init__(self, repo: Repository, stop: threading.Event) -> None:
+        self._repo = repo
+        self._stop = stop
+
+    @classmethod
+    def wrap(cls, repo: Repository, stop: threading.Event) -> Repository:
+        if isinstance(repo, _StopOnRead):
+            return repo
+        return cast(Repository, cls(repo, stop))
+
+    def read_tree(self, tree_id: bytes) -> list[Node]:
+        if self._stop.is_set():
+            raise _Stopped
+        return self._repo.read_tree(tree_id)
+
+    def read_blob(self, blob_id: bytes) -> bytes | memoryview:
+        if self._stop.is_set():
+            raise _Stopped
+        return self._repo.read_blob(blob_id)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._repo, name)
+
+
+def _plan(
+    repo: Repository,
+    snapshot: Snapshot,
+    *,
+    includes: list[str] | None,
+    excludes: list[str] | None,
+    subpath: str | None,
+    on_error: Callable[[Parts, SafeholdError, bool], None] | None,
+    limit: int | None,
+    stop: threading.Event,
+) -> list[PlanItem]:
     inc = pathspec.GitIgnoreSpec.from_lines([p.lstrip("/") for p in includes or []])
     exc = pathspec.GitIgnoreSpec.from_lines([p.lstrip("/") for p in excludes or []])
     plan: list[PlanItem] = []
@@ -195,6 +260,8 @@ def plan_restore(
         check_names=True,
     )
     for parts, node in walk:
+        if stop.is_set():
+            raise _Stopped
         while open_dirs and open_dirs[-1].parts != parts[:-1]:
             finish(open_dirs.pop())
         included = open_dirs[-1].included if open_dirs else False
@@ -324,6 +391,10 @@ class _FileJob:
     link: _Link | None = None
 
 
+def _same_content(a: Node, b: Node) -> bool:
+    return (a.content, a.size) == (b.content, b.size)
+
+
 def _temp_name(name: bytes) -> bytes:
     return TMP_PREFIX + os.urandom(6).hex().encode() + b"-" + name[:200]
 
@@ -438,12 +509,10 @@ class _Restorer:
                     self.special(parts, node)
             self.flush_batch()
             self.wait()
-            for item, first in later:
+            while later:
+                later = self.add_links(later)
                 if self.stop.is_set():
                     return
-                self.add_link(item, first)
-            self.flush_batch()
-            self.wait()
             for item in reversed(made):  # children before their parents
                 if self.stop.is_set():
                     return
@@ -583,13 +652,38 @@ class _Restorer:
                     os.unlink(tmp, dir_fd=dfd)
             self.dirs.release(parts[:-1])
 
+    def add_links(self, later: list[tuple[PlanItem, _Link]]) -> list[tuple[PlanItem, _Link]]:
+        """One round of the further names of hardlinked inodes, waited for; returns what is left
+        for the next round. A group whose first name could not be written for a reason of the
+        target (an immutable file of that name, a full or read-only filesystem) goes on from
+        its next name: that one is written as a file and becomes the group's first, the others
+        are linked to it in the next round. When the content itself cannot be read (damage),
+        every name is named with that reason."""
+        again: list[tuple[PlanItem, _Link]] = []
+        promoted: dict[int, _Link] = {}  # by id() of the failed first name
+        for item, first in later:
+            if self.stop.is_set():
+                return []
+            if first.ok is False and not first.damage and _same_content(item.node, first.node):
+                new = promoted.get(id(first))
+                if new is None:
+                    new = promoted[id(first)] = _Link(item.parts, item.node)
+                    self.add_file(_FileJob(item.parts, item.node, new))
+                else:
+                    again.append((item, new))
+                continue
+            self.add_link(item, first)
+        self.flush_batch()
+        self.wait()
+        return again
+
     def add_link(self, item: PlanItem, first: _Link) -> None:
         """Another name of a hardlinked inode: linked to the first name once that is restored
         (a copy when linking fails, or when the two nodes do not hold the same content)."""
         parts, node = item.parts, item.node
         if first.ok is None:
             return  # interrupted
-        if (node.content, node.size) != (first.node.content, first.node.size):
+        if not _same_content(node, first.node):
             self.add_file(_FileJob(parts, node))
             return
         if not first.ok:
@@ -845,6 +939,25 @@ def _ignore(_parts: Parts, _err: SafeholdError) -> None:
     pass
 
 
+_TARGET_FLAGS = _DIR_FLAGS & ~os.O_NOFOLLOW
+
+
+def _open_target(target: str) -> int:
+    """The target directory (made with its parents if missing), opened. The target itself may
+    be a symlink to a directory (``/restore -> /mnt/big``): that one symlink is followed, as
+    ``cd`` would; nothing below it ever is (every entry is opened with O_NOFOLLOW)."""
+    try:
+        os.makedirs(target, exist_ok=True)
+        return os.open(target, _TARGET_FLAGS)
+    except OSError as e:
+        if os.path.islink(target) and not os.path.exists(target):
+            raise UsageError(
+                f"cannot restore to {target}: it is a symlink to {os.readlink(target)}, "
+                "which does not exist"
+            ) from None
+        raise UsageError(f"cannot restore to {target}: {_reason(e)}") from None
+
+
 def restore(
     repo: Repository,
     snapshot: Snapshot,
@@ -865,20 +978,26 @@ def restore(
     r = _Restorer(repo, opts, events, stop)
     try:
         limit = entry_limit(snapshot)
-        if not records_counts(snapshot):
-            # no recorded count bounds the plan: size the snapshot first, reading each distinct
-            # tree once, so that a hostile DAG is refused before anything is planned or written
-            tree_totals(repo, snapshot.tree, limit=limit, on_error=_ignore)
-        plan = plan_restore(
-            repo,
-            snapshot,
-            includes=opts.includes,
-            excludes=opts.excludes,
-            on_error=r.tree_error,
-            limit=limit,
-        )
-        os.makedirs(opts.target, exist_ok=True)
-        root_fd = os.open(opts.target, _DIR_FLAGS)
+        view = _StopOnRead.wrap(repo, stop)  # a signal ends sizing and planning promptly
+        try:
+            if not records_counts(snapshot):
+                # no recorded count bounds the plan: size the snapshot first, reading each
+                # distinct tree once, so that a hostile DAG is refused before anything is
+                # planned or written
+                tree_totals(view, snapshot.tree, limit=limit, on_error=_ignore)
+            plan = _plan(
+                view,
+                snapshot,
+                includes=opts.includes,
+                excludes=opts.excludes,
+                subpath=None,
+                on_error=r.tree_error,
+                limit=limit,
+                stop=stop,
+            )
+        except _Stopped:
+            raise Interrupted("interrupted") from None
+        root_fd = _open_target(opts.target)
         r.run(plan, root_fd)
     finally:
         r.pool.shutdown(wait=True, cancel_futures=True)

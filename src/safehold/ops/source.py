@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pathspec
 
 from safehold.errors import UsageError
-from safehold.format.tree import Node
+from safehold.format.tree import OWNER_MAX, Node
 
 CACHEDIR_TAG = "CACHEDIR.TAG"
 CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
@@ -142,17 +142,19 @@ def list_dir(path: bytes, only: set[bytes] | None = None) -> Listing:
 @functools.lru_cache(maxsize=4096)
 def user_name(uid: int) -> str:
     try:
-        return pwd.getpwuid(uid).pw_name
+        name = pwd.getpwuid(uid).pw_name
     except KeyError:
         return ""
+    return name if len(name.encode("utf-8", "surrogateescape")) <= OWNER_MAX else ""  # as readers
 
 
 @functools.lru_cache(maxsize=4096)
 def group_name(gid: int) -> str:
     try:
-        return grp.getgrgid(gid).gr_name
+        name = grp.getgrgid(gid).gr_name
     except KeyError:
         return ""
+    return name if len(name.encode("utf-8", "surrogateescape")) <= OWNER_MAX else ""
 
 
 def node_type(mode: int) -> str:

@@ -8,10 +8,18 @@ one) and bounded: it refuses with :class:`IntegrityError` once it meets more ent
 snapshot recorded (:func:`entry_limit`), or than :data:`NO_SUMMARY_LIMIT` when it recorded none.
 :func:`tree_totals` computes a tree's expanded size once per distinct tree id, so it finds such a
 DAG after reading only its distinct trees.
+
+The recorded counts are written by whoever holds the key, so they bound nothing against a
+hostile writer (up to :data:`HARD_LIMIT`). The bound a snapshot cannot forge is its expansion
+relative to its *distinct* entries (the entries of its distinct trees, each counted once): more
+than :data:`EXPANSION_FACTOR` paths per distinct entry plus :data:`EXPANSION_SLACK` is refused
+(:func:`check_expansion`). A walk allowed more than :data:`EXPANSION_SLACK` entries sizes its
+tree first (:func:`tree_totals`, reading each distinct tree once), before it yields anything.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,6 +29,7 @@ from safehold.format.tree import Node, salvage_tree
 from safehold.repository.repo import Repository
 
 Parts = tuple[bytes, ...]
+TreeIds = tuple[bytes, ...]
 ErrorHandler = Callable[[Parts, SafeholdError], None]
 """Called with the path of a directory whose tree cannot be read (its contents are skipped),
 or of an entry that is invalid (a field outside its bounds, an invalid or duplicate name: the
@@ -37,6 +46,13 @@ repository's key: a thief of that key could claim any count)."""
 SLACK = 10_000
 """Entries a walk may meet beyond twice the recorded counts (the directories above the backed-up
 paths, counters of older versions)."""
+EXPANSION_FACTOR = 10_000
+EXPANSION_SLACK = 1_000_000
+"""A tree may expand to at most ``EXPANSION_FACTOR`` x its distinct entries + ``EXPANSION_SLACK``
+paths (docs/format.md §10). Identical directories share one tree, so k copies of a folder of m
+entries expand to about k*m paths from m + k distinct entries: a ratio above 10,000 needs more
+than 10,000 copies of a folder of more than 10,000 entries (10^8 paths). A walk bounded by at
+most ``EXPANSION_SLACK`` entries cannot break the bound, and is not sized first."""
 
 _COUNT_KEYS = ("files_new", "files_changed", "files_unmodified", "dirs", "other_entries")
 
@@ -65,6 +81,19 @@ def records_counts(snapshot: Snapshot | None) -> bool:
     return entry_limit(snapshot) != NO_SUMMARY_LIMIT
 
 
+def expansion_bound(distinct: int) -> int:
+    """The most paths a tree whose distinct trees hold ``distinct`` entries may expand to."""
+    return EXPANSION_FACTOR * distinct + EXPANSION_SLACK
+
+
+def amplified_error(entries: int, distinct: int) -> IntegrityError:
+    return IntegrityError(
+        f"the snapshot's trees expand to {entries:,} entries from only {distinct:,} distinct "
+        f"entries (at most {EXPANSION_FACTOR:,} per distinct entry + {EXPANSION_SLACK:,}): "
+        "damaged or hostile"
+    )
+
+
 def check_name(name: bytes) -> None:
     if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
         raise IntegrityError(f"refusing unsafe name {name!r} in the snapshot")
@@ -88,8 +117,12 @@ def walk_tree(
     directory's path and skipped. ``check_names``: unsafe names (``/``, ``.``, ``..``, NUL,
     empty) and a name met twice in one tree are errors (raised, or reported and skipped).
     Raises :class:`IntegrityError` once more than ``limit`` entries (default
-    :data:`NO_SUMMARY_LIMIT`) were met."""
+    :data:`NO_SUMMARY_LIMIT`) were met. A walk allowed more than :data:`EXPANSION_SLACK` entries
+    first sizes the tree (:func:`tree_totals`: each distinct tree read once) and raises, before
+    yielding anything, if it expands beyond ``limit`` or :func:`expansion_bound`."""
     cap = NO_SUMMARY_LIMIT if limit is None else limit
+    if cap > EXPANSION_SLACK and tree_id not in _sized.get(repo, ()):
+        tree_totals(repo, tree_id, limit=cap, on_error=_ignore)
     count = 0
     # each frame: the directory's path and its remaining entries (reversed: pop from the end)
     stack: list[tuple[Parts, list[Node]]] = []
@@ -127,6 +160,10 @@ def walk_tree(
             if children is not None:
                 stack.append((path, children[::-1]))
                 seen.append(set())
+
+
+def _ignore(parts: Parts, err: SafeholdError) -> None:
+    """Sizing skips what it cannot read: the walk that follows reports it."""
 
 
 def _read(
@@ -170,9 +207,41 @@ class TreeTotals:
     files: int = 0
     dirs: int = 0
     bytes: int = 0  # the sizes of its files
+    own: int = 0  # the entries of this tree itself
+    children: TreeIds = ()  # the distinct subtree ids of its entries
 
 
 _EMPTY = TreeTotals()
+
+_sized: weakref.WeakKeyDictionary[Repository, set[bytes]] = weakref.WeakKeyDictionary()
+"""Per repository, the trees :func:`tree_totals` found within the expansion bound: a walk of
+them need not size them again."""
+
+
+def distinct_entries(memo: dict[bytes, TreeTotals], tree_id: bytes) -> int:
+    """The entries of the distinct trees below (and of) ``tree_id``, each tree counted once,
+    from a ``memo`` filled by :func:`tree_totals` (no tree is read)."""
+    seen = {tree_id}
+    stack = [tree_id]
+    total = 0
+    while stack:
+        t = memo.get(stack.pop(), _EMPTY)
+        total += t.own
+        for c in t.children:
+            if c not in seen:
+                seen.add(c)
+                stack.append(c)
+    return total
+
+
+def check_expansion(entries: int, distinct: Callable[[], int]) -> None:
+    """Raise :class:`IntegrityError` if ``entries`` paths exceed :func:`expansion_bound` of the
+    distinct entries (computed only when ``entries`` exceeds :data:`EXPANSION_SLACK`)."""
+    if entries <= EXPANSION_SLACK:
+        return
+    d = distinct()
+    if entries > expansion_bound(d):
+        raise amplified_error(entries, d)
 
 
 def tree_totals(
@@ -187,7 +256,8 @@ def tree_totals(
     totals, may be shared between calls: a tree's totals depend only on its id). Iterative.
 
     Raises :class:`IntegrityError` as soon as a tree expands to more than ``limit`` entries
-    (default :data:`NO_SUMMARY_LIMIT`) or a tree contains itself. A tree that cannot be read
+    (default :data:`NO_SUMMARY_LIMIT`), when it expands to more than :func:`expansion_bound` of
+    its distinct entries, or when a tree contains itself. A tree that cannot be read
     raises, or with ``on_error`` is reported (by the path where it was first met) and counts as
     empty."""
     cap = NO_SUMMARY_LIMIT if limit is None else limit
@@ -215,6 +285,7 @@ def tree_totals(
                     stack.append((n.subtree, (*parts, n.name), None))
             continue
         entries = files = dirs = size = 0
+        children: dict[bytes, None] = {}
         for n in nodes:
             entries += 1
             if n.type == "file":
@@ -223,6 +294,7 @@ def tree_totals(
             elif n.type == "dir":
                 dirs += 1
                 if n.subtree is not None:
+                    children[n.subtree] = None
                     sub = memo.get(n.subtree, _EMPTY)
                     entries += sub.entries
                     files += sub.files
@@ -230,12 +302,14 @@ def tree_totals(
                     size += sub.bytes
         if entries > cap:
             raise expands_error(cap)
-        memo[tid] = TreeTotals(entries, files, dirs, size)
+        memo[tid] = TreeTotals(entries, files, dirs, size, len(nodes), tuple(children))
         active.discard(tid)
         stack.pop()
     total = memo[tree_id]
     if total.entries > cap:
         raise expands_error(cap)
+    check_expansion(total.entries, lambda: distinct_entries(memo, tree_id))
+    _sized.setdefault(repo, set()).add(tree_id)
     return total
 
 
