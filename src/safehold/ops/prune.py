@@ -146,6 +146,20 @@ def _stored_packs(repo: Repository) -> tuple[dict[str, int], list[str]]:
     return stored, sorted(stray)
 
 
+def _readable_snapshots(repo: Repository) -> list[Snapshot]:
+    """Every snapshot; IntegrityError if any snapshot object cannot be read (prune cannot know
+    what it uses, so it changes nothing until the object is removed)."""
+    snapshots = repo.snapshots()
+    if repo.bad_snapshots:
+        name, err = sorted(repo.bad_snapshots.items())[0]
+        raise IntegrityError(
+            f"{len(repo.bad_snapshots)} snapshot objects cannot be read (e.g. {name}: {err}); "
+            "prune cannot know what they use and changes nothing until they are removed "
+            "(safehold forget ID, or repair snapshots --forget-originals)"
+        )
+    return snapshots
+
+
 def _refuse_if_unreadable(repo: Repository) -> None:
     bad = {n: e for n, e in repo.index.state.unreadable.items() if n.startswith("index/")}
     if bad:
@@ -190,14 +204,7 @@ def plan_prune(repo: Repository, opts: PruneOptions) -> PrunePlan:
     """Decide what prune does; reads only."""
     # snapshots first, then the index: a backup stores its index objects before its snapshot,
     # so every snapshot listed here has its blobs in the index loaded after
-    snapshots = repo.snapshots()
-    if repo.bad_snapshots:
-        name, err = sorted(repo.bad_snapshots.items())[0]
-        raise IntegrityError(
-            f"{len(repo.bad_snapshots)} snapshot objects cannot be read (e.g. {name}: {err}); "
-            "prune cannot know what they use and changes nothing until they are removed "
-            "(safehold forget ID, or repair snapshots)"
-        )
+    snapshots = _readable_snapshots(repo)
     index = repo.reload_index()
     _refuse_if_unreadable(repo)
     plans = index.state.plan_files
@@ -443,14 +450,7 @@ def _finish(
     """Carry out one due plan, deleting only what is provably unreferenced now."""
     # everything is listed afresh, after the plan was found due: snapshots first, then the
     # index objects (stored before any snapshot that needs them), then the plans and the packs
-    snapshots = repo.snapshots()
-    if repo.bad_snapshots:
-        name, err = sorted(repo.bad_snapshots.items())[0]
-        raise IntegrityError(
-            f"{len(repo.bad_snapshots)} snapshot objects cannot be read (e.g. {name}: {err}); "
-            "prune cannot know what they use and changes nothing until they are removed "
-            "(safehold forget ID, or repair snapshots)"
-        )
+    snapshots = _readable_snapshots(repo)
     index = repo.reload_index()
     _refuse_if_unreadable(repo)
     files, plans = index.state.files, index.state.plan_files
