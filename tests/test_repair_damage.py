@@ -252,15 +252,12 @@ def test_repair_keeps_known_damage_and_a_backup_heals_it(repo: Repository, tmp_p
     assert fixed.damaged_blobs == [f"{pid}:{bad.id.hex()}"]
     fresh = _fresh(repo)
     assert bad.id not in fresh.index
-    damaged = getattr(fresh.index, "damaged", None)
-    if damaged is not None:
-        assert (bytes.fromhex(pid), bad.id) in damaged()
+    assert (bytes.fromhex(pid), bad.id) in fresh.index.damaged()
     # without read_data, a rebuild carries the record forward
     repair_index(_fresh(repo))
     fresh = _fresh(repo)
     assert bad.id not in fresh.index
-    if damaged is not None:
-        assert (bytes.fromhex(pid), bad.id) in fresh.index.damaged()
+    assert (bytes.fromhex(pid), bad.id) in fresh.index.damaged()
     assert list(repair_snapshots(_fresh(repo)).rewritten) == [first.id]
     _heal_and_check(repo, src, tmp_path, [first.id])
 
@@ -324,14 +321,11 @@ def test_read_data_drops_a_damage_record_for_a_copy_that_verifies(
 ) -> None:
     """A record can be wrong (a read failed for a moment, a byte was put back): reading every
     blob settles it, and a copy that verifies is usable again."""
-    note = getattr(repo, "note_damaged", None)
-    if note is None:
-        pytest.skip("damage records are not in this tree yet")
     src = _source(tmp_path)
     backup(repo, BackupOptions(paths=[str(src)]))
     pid, _ = _biggest_pack(repo)
     blob = repo.index.pack(bytes.fromhex(pid)).blobs[0].id  # type: ignore[union-attr]
-    note(bytes.fromhex(pid), [blob], "test")
+    repo.note_damaged(bytes.fromhex(pid), [blob], "test")
     assert repo.save_damage() is not None
     assert blob not in _fresh(repo).index
     kept = repair_index(_fresh(repo))  # not read: the record stays

@@ -33,6 +33,7 @@ from safehold.ops.restore import TMP_PREFIX, RestoreOptions, iter_files, plan_re
 from safehold.ops.walk import tree_totals, walk_tree
 from safehold.repository.repo import Repository
 from tests.conftest import PASSWORD
+from tests.support.tools import skip_or_fail
 
 BLOCK = 64 << 10  # archive's blob size: a flipped byte costs one blob of one file
 
@@ -349,11 +350,11 @@ def test_restore_over_an_existing_tree_replaces_entries_whole(
 @contextmanager
 def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
     if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root (the CLI test falls back to RLIMIT_FSIZE)")
+        skip_or_fail("mounting a tmpfs needs root (the CLI test falls back to RLIMIT_FSIZE)")
     path.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)])
     if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
+        skip_or_fail("cannot mount a tmpfs here")
     try:
         yield path
     finally:

@@ -45,13 +45,6 @@ BAD_PREFIXES = ["/", "/data/", "../", "a/../", "a//", "..", "a\\b", "a\0"]
 DAY = 24 * 3600.0
 
 
-def fail_in_ci(missing: str | None) -> None:
-    """Fail the test when a tool it needs is missing (``missing`` says which) and ``CI`` is
-    true: CI installs every tool, so there a missing one is an error, not a reason to skip."""
-    if missing and os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
-        pytest.fail(f"{missing} (with CI={os.environ['CI']} a missing tool fails the test)")
-
-
 @dataclass(frozen=True)
 class OnDisk:
     """The folder of this machine where a backend under test keeps its objects as files (its

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.rclone_config import NO_RCLONE, RCLONE, REMOTE, RcloneEnv, write_config
+from tests.support.tools import skip_or_fail
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def rclone_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RcloneEnv:
     environment is removed, so the tests see rclone's defaults.
     """
     if RCLONE is None:
-        pytest.skip(NO_RCLONE)
+        skip_or_fail(NO_RCLONE)
     for key in list(os.environ):
         if key.startswith("RCLONE_"):
             monkeypatch.delenv(key)

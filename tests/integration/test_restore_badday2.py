@@ -28,6 +28,7 @@ from safehold.ids import BlobType
 from safehold.ops.restore import RestoreOptions, restore
 from safehold.repository.repo import Repository
 from tests.conftest import PASSWORD, Cli
+from tests.support.tools import skip_or_fail
 from tests.test_restore_damage import digest, small_tmpfs, temporaries
 
 LEVELS = 13
@@ -146,11 +147,11 @@ def _first_name_unwritable(how: str, first: Path) -> Iterator[None]:
     or its directory a full filesystem (ENOSPC)."""
     if how == "immutable":
         if os.geteuid() != 0 or shutil.which("chattr") is None:
-            pytest.skip("chattr +i needs root")
+            skip_or_fail("chattr +i needs root")
         first.parent.mkdir(parents=True)
         first.write_bytes(b"OLD\n")
         if subprocess.run(["chattr", "+i", str(first)], capture_output=True).returncode != 0:
-            pytest.skip("this filesystem has no immutable flag")
+            skip_or_fail("this filesystem has no immutable flag")
         try:
             yield
         finally:

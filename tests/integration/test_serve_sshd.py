@@ -22,13 +22,17 @@ from safehold.repository.objects import Kind, meta_object
 from safehold.repository.repo import Repository
 from tests.backends.sshserver import keygen, sshd_missing, start_sshd
 from tests.conftest import PASSWORD, Cli
+from tests.support.tools import skip_or_fail
 from tests.support.treecmp import compare_trees
 from tests.support.treegen import make_tree
 
-pytestmark = pytest.mark.skipif(
-    sshd_missing() is not None or shutil.which("ssh") is None,
-    reason=f"needs OpenSSH's sshd and ssh ({sshd_missing() or 'ssh client missing'})",
-)
+
+@pytest.fixture(autouse=True)
+def _needs_openssh() -> None:
+    """OpenSSH's sshd and ssh: a skip on a laptop without them, a failure under CI."""
+    missing = sshd_missing() or (None if shutil.which("ssh") else "the ssh client is missing")
+    if missing:
+        skip_or_fail(f"needs OpenSSH's sshd and ssh ({missing})")
 
 
 def _wipe_everything_plan(repo_dir: Path, cache: Path) -> tuple[str, bytes]:
