@@ -41,6 +41,7 @@ from safehold.ops.source import (
     node_from_stat,
     open_file,
 )
+from safehold.repository.index import MasterIndex
 from safehold.repository.locks import RepositoryLock
 from safehold.repository.repo import Repository, filter_snapshots
 from safehold.repository.writer import WriteSession
@@ -736,11 +737,9 @@ class _Archiver:
         self.counters.total_files, self.counters.total_bytes = files, size
 
 
-def _unusable_blobs(index: Any) -> set[bytes]:
+def _unusable_blobs(index: MasterIndex) -> set[bytes]:
     """Blobs whose known copies are all damaged (``in`` says no: a writer stores them again)."""
-    damaged = getattr(index, "damaged", None)
-    known: set[tuple[bytes, bytes]] = damaged() if damaged is not None else set()
-    return {b for _, b in known if b not in index}
+    return {b for _, b in index.damaged() if b not in index}
 
 
 def _withdraw(repo: Repository, snap: Snapshot) -> None:

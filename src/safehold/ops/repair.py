@@ -126,10 +126,8 @@ def repair_index(
         f = files[iid]
         for p in f.packs:
             listings.setdefault(p.pack_id, []).append(p)
-        old_damage.update(getattr(f, "damaged", ()))
-    known_damage = getattr(index, "damaged", None)
-    if callable(known_damage):
-        old_damage.update(known_damage())  # this machine's records too (local cache)
+        old_damage.update(f.damaged)
+    old_damage.update(index.damaged())  # this machine's records too (local cache)
 
     stored: dict[str, int] = {}  # pack id -> size, for objects named like packs
     odd: dict[str, int] = {}  # other names under data/

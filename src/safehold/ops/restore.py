@@ -1001,10 +1001,8 @@ def restore(
         r.run(plan, root_fd)
     finally:
         r.pool.shutdown(wait=True, cancel_futures=True)
-        save = getattr(repo, "save_damage", None)
-        if callable(save):
-            with contextlib.suppress(SafeholdError):
-                save()  # the next backup stores again what was found damaged
+        with contextlib.suppress(SafeholdError):
+            repo.save_damage()  # the next backup stores again what was found damaged
     if stop.is_set():
         raise Interrupted("interrupted")
     return r.result

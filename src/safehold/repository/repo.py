@@ -112,6 +112,9 @@ class Repository:
         self._tree_lock = threading.Lock()
         self._damage_lock = threading.Lock()
         self._damage_pending: set[tuple[bytes, bytes]] = set()  # not yet in the repository
+        self._local: set[tuple[bytes, bytes]] | None = None  # the local cache's record
+        self._local_dirty = False  # ... with pairs not yet written
+        self._local_written = 0.0  # when it was last written (monotonic)
         self.damage_reasons: dict[tuple[bytes, bytes], str] = {}  # found by this process
         self.bad_snapshots: dict[str, str] = {}  # snapshot objects that cannot be read -> why
         self.lock_retry_s = 0.0  # how long lock() waits for other clients' locks
@@ -427,50 +430,67 @@ class Repository:
     DAMAGE_CACHE_NAME = "damaged"
 
     def _local_damage(self) -> set[tuple[bytes, bytes]]:
-        """The damage this machine has seen (kept in the local cache, sealed)."""
-        get = getattr(self.cache, "get_private", None)
-        if get is None:
-            return set()
-        raw = get(self.DAMAGE_CACHE_NAME)
-        if raw is None:
-            return set()
-        try:
-            items = unpack(raw, "damage record")
-            return {
-                (bytes(p), bytes(b))
-                for p, b in items
-                if isinstance(p, bytes) and isinstance(b, bytes) and len(p) == len(b) == 32
-            }
-        except (FormatError, TypeError, ValueError):
-            return set()  # a cache file that cannot be read only costs speed
+        """The damage this machine has seen (kept in the local cache, sealed); read once."""
+        with self._damage_lock:
+            if self._local is not None:
+                return self._local
+        found: set[tuple[bytes, bytes]] = set()
+        raw = self.cache.get_private(self.DAMAGE_CACHE_NAME) if self.cache is not None else None
+        if raw is not None:
+            try:
+                found = {
+                    (bytes(p), bytes(b))
+                    for p, b in unpack(raw, "damage record")
+                    if isinstance(p, bytes) and isinstance(b, bytes) and len(p) == len(b) == 32
+                }
+            except (FormatError, TypeError, ValueError):
+                pass  # a cache file that cannot be read only costs speed
+        with self._damage_lock:
+            if self._local is None:
+                self._local = found
+            return self._local
+
+    def _write_local_damage(self, *, at_once: bool) -> None:
+        """Write the local record (at most once a second while reads keep finding damage)."""
+        if self.cache is None:
+            return
+        now = time.monotonic()
+        with self._damage_lock:
+            if not self._local_dirty or (not at_once and now - self._local_written < 1.0):
+                return
+            data = pack_obj(sorted([p, b] for p, b in self._local or ()))
+            self._local_dirty, self._local_written = False, now
+        self.cache.put_private(self.DAMAGE_CACHE_NAME, data)
 
     def note_damaged(self, pack_id: bytes, blob_ids: Iterable[bytes], reason: str) -> None:
         """Record that the copies of these blobs in ``pack_id`` are damaged or gone: readers try
         other copies first, and the next backup stores the blobs again (which heals every
-        snapshot that uses them). Kept in the local cache at once; :meth:`save_damage` writes it
-        into the repository."""
-        new = {(pack_id, b) for b in blob_ids}
+        snapshot that uses them). Kept in the local cache at once (then at most once a second
+        while reads keep failing); :meth:`save_damage` writes the rest there and the record into
+        the repository."""
+        local = self._local_damage()
         with self._damage_lock:
-            new -= set(self.damage_reasons)
+            new = {(pack_id, b) for b in blob_ids if (pack_id, b) not in self.damage_reasons}
             if not new:
                 return
             for pair in new:
                 self.damage_reasons[pair] = reason
             self._damage_pending |= new
+            if not new <= local:
+                local |= new
+                self._local_dirty = True
         index = self._index
         if index is not None:
             for p, b in new:
                 index.mark_damaged(p, b)
-        put = getattr(self.cache, "put_private", None)
-        if put is not None:
-            known = self._local_damage() | new
-            put(self.DAMAGE_CACHE_NAME, pack_obj(sorted([p, b] for p, b in known)))
+        self._write_local_damage(at_once=False)
 
     def save_damage(self) -> str | None:
         """Write the damage found by this process into the repository as an index object that
         lists no packs (docs/format.md §9.4), so that every client learns it. Only with a full key
         (a read-only or write-only key leaves the record in the local cache). Returns the index
         object's id, or None if there was nothing to write or it could not be written."""
+        self._write_local_damage(at_once=True)
         with self._damage_lock:
             pending = sorted(self._damage_pending)
         if not pending or self.secrets.private_key is None:
@@ -714,12 +734,6 @@ class Repository:
         data = self.load_verified(name, use_cache=True)
         plain = self.open_meta(data, Kind.SNAPSHOT, name)
         return Snapshot.from_bytes(plain, snapshot_id)
-
-    def _load_snapshot_if_present(self, snapshot_id: str) -> Snapshot | None:
-        try:
-            return self.load_snapshot(snapshot_id)
-        except NotFound:
-            return None  # forgotten since it was listed
 
     def _load_snapshot_or_error(self, snapshot_id: str) -> Snapshot | SafeholdError | None:
         try:
