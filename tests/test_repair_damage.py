@@ -399,3 +399,20 @@ def test_an_intact_stray_copy_mends_a_damaged_pack(cli: Cli, tmp_path: Path) -> 
     cli.ok("restore", "latest", "--target", str(tmp_path / "r"))
     assert compare_trees(src, tmp_path / "r" / str(src).lstrip("/")) == []
     cli.ok("check", "--read-data")
+
+
+def test_repair_snapshots_walks_a_tree_deeper_than_the_recursion_limit(repo: Repository) -> None:
+    """repair snapshots recursed once per level: a 1,500-level tree (backup and restore handle
+    any depth) failed with RecursionError. It now keeps its own stack."""
+    from tests.test_restore_damage import _chain
+
+    snap = _chain(repo, 1500)
+    bottom = repo.read_tree(snap.tree)
+    while bottom[0].type == "dir":
+        bottom = repo.read_tree(bottom[0].subtree)  # type: ignore[arg-type]
+    loc = repo.index.lookup((bottom[0].content or [])[0])
+    assert loc is not None
+    (Path(repo.backend.location) / pack_name(loc.pack_id.hex())).unlink()  # the file is lost
+    res = repair_snapshots(_fresh(repo))
+    assert list(res.rewritten) == [snap.id]
+    assert res.dropped == [f"{snap.id[:8]}: {'/d' * 1500}/f (data lost)"], res.dropped[:1]

@@ -732,21 +732,43 @@ def repair_snapshots(
                 continue
         return None
 
-    def fix_tree(tree_id: bytes) -> _Fixed:
-        got = memo.get(tree_id)
-        if got is not None:
-            return got
-        got_tree = read_tree(tree_id)
-        if got_tree is None:
-            memo[tree_id] = _Fixed(None)
-            return memo[tree_id]
-        nodes, invalid = got_tree
+    def fix_tree(root: bytes) -> _Fixed:
+        """The tree repaired, bottom-up with an explicit stack (depth costs no recursion);
+        memoized per tree id, so a subtree shared by snapshots is repaired once."""
+        read: dict[bytes, tuple[list[Node], list[str]]] = {}  # the trees being expanded
+        stack = [root]
+        while stack:
+            tid = stack[-1]
+            if tid in memo:
+                stack.pop()
+                continue
+            if tid not in read:
+                got_tree = read_tree(tid)
+                if got_tree is None:
+                    memo[tid] = _Fixed(None)
+                    stack.pop()
+                    continue
+                read[tid] = got_tree
+                stack += [
+                    n.subtree
+                    for n in got_tree[0]
+                    if n.type == "dir"
+                    and n.subtree is not None
+                    and n.subtree not in memo
+                    and n.subtree not in read  # in ``read``: an ancestor (a forged cycle)
+                ]
+                continue
+            memo[tid] = combine(tid, *read.pop(tid))
+            stack.pop()
+        return memo[root]
+
+    def combine(tree_id: bytes, nodes: list[Node], invalid: list[str]) -> _Fixed:
         out: list[Node] = []
         dropped: list[tuple[str, str]] = [(f"/{name}", "entry invalid") for name in invalid]
         for n in nodes:
             name = f"/{os.fsdecode(n.name)}"
             if n.type == "dir" and n.subtree is not None:
-                sub = fix_tree(n.subtree)
+                sub = memo.get(n.subtree, _Fixed(None))  # absent: it contains itself
                 if sub.tree is None:
                     dropped.append((f"{name}/", "directory unreadable"))
                     continue
@@ -760,8 +782,7 @@ def repair_snapshots(
         new_id = tree_id
         if dropped:
             new_id = store_tree(out)
-        memo[tree_id] = _Fixed(new_id, tuple(dropped))
-        return memo[tree_id]
+        return _Fixed(new_id, tuple(dropped))
 
     def store_tree(nodes: list[Node]) -> bytes:
         data = tree_to_bytes(nodes)
