@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from safehold.cli.common import (
@@ -17,10 +18,11 @@ from safehold.cli.common import (
 )
 from safehold.errors import EXIT_DAMAGE, EXIT_ERROR, EXIT_OK, EXIT_WARNINGS, UsageError
 from safehold.events import Event
-from safehold.ops.backup import BackupOptions, backup
+from safehold.ops.backup import backup
+from safehold.ops.options import BACKUP_OPTS, Opt, backup_options, convert
 from safehold.ops.restore import RestoreOptions, restore
 from safehold.repository.locks import reader_lock
-from safehold.units import format_size, parse_size
+from safehold.units import format_size
 
 RESTORE_DESCRIPTION = """\
 Restore a snapshot (or the entries selected by --include/--exclude) under DIR.
@@ -48,22 +50,52 @@ exit status:
 """
 
 
+def add_option_arguments(p: argparse.ArgumentParser, opts: Sequence[Opt]) -> None:
+    """One argument per option of the table: its value stays None unless given (lists
+    collect every use, flags are true when given, other values are converted later)."""
+    for o in opts:
+        flags = [o.flag] + ([o.short] if o.short else [])
+        if o.kind == "list":
+            p.add_argument(
+                *flags, dest=o.name, action="append", default=None, metavar=o.metavar, help=o.help
+            )
+        elif o.kind == "bool":
+            p.add_argument(*flags, dest=o.name, action="store_true", default=None, help=o.help)
+        else:
+            p.add_argument(*flags, dest=o.name, default=None, metavar=o.metavar, help=o.help)
+
+
+def given_options(args: argparse.Namespace, opts: Sequence[Opt]) -> dict[str, Any]:
+    """The options given on the command line, by name, converted (UsageError naming the flag)."""
+    out: dict[str, Any] = {}
+    for o in opts:
+        value = getattr(args, o.name, None)
+        if value is None:
+            continue
+        try:
+            out[o.name] = convert(o, value)
+        except UsageError as e:
+            raise UsageError(f"{o.flag}: {e}") from None
+    return out
+
+
 def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("backup", parents=[parent], help="back up files and directories")
     p.add_argument("paths", nargs="*", metavar="PATH")
-    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
-    p.add_argument("--exclude-file", action="append", default=[], metavar="FILE")
-    p.add_argument("--exclude-caches", action="store_true")
-    p.add_argument("--exclude-if-present", action="append", default=[], metavar="NAME")
-    p.add_argument("--exclude-larger-than", metavar="SIZE")
-    p.add_argument("--one-file-system", "-x", action="store_true")
-    p.add_argument("--tag", action="append", default=[], metavar="TAG")
-    p.add_argument("--host", metavar="HOST")
-    p.add_argument("--parent", metavar="SNAP")
+    add_option_arguments(p, BACKUP_OPTS)
     p.add_argument("--dry-run", "-n", action="store_true")
-    p.add_argument("--compression-for", action="append", default=[], metavar="GLOB=SETTING")
     p.add_argument("--stdin", action="store_true", help="back up standard input")
-    p.add_argument("--stdin-filename", default="stdin", metavar="NAME")
+    p.add_argument(
+        "--stdin-from-command",
+        metavar="CMD",
+        help="back up the standard output of the shell command CMD (the backup fails if it fails)",
+    )
+    p.add_argument(
+        "--stdin-filename",
+        default="stdin",
+        metavar="NAME",
+        help="the file name for --stdin or --stdin-from-command (default: stdin)",
+    )
     p.set_defaults(func=cmd_backup)
 
     r = sub.add_parser(
@@ -127,11 +159,29 @@ class _Progress:
                     total=d.get("total_bytes"),
                     files=d.get("files_done", 0),
                 )
+        elif ev.kind == "info" and "stderr" in ev.data:
+            self.command_stderr(ev)
         else:
             if self.bar is not None and ev.kind == "warning":
                 self.bar.console.print(f"warning: {ev.message}")
             else:
                 self.warn(ev)
+
+    def command_stderr(self, ev: Event) -> None:
+        """The standard error of a --stdin-from-command command (its last 64 KiB)."""
+        if self.ctx.json:
+            self.ctx.emit({"type": "command_stderr", "message": ev.message, **ev.data})
+            return
+        if self.ctx.quiet:
+            return
+        text = ev.data["stderr"]
+        if self.bar is not None:
+            self.bar.console.print(f"{ev.message}:", markup=False, highlight=False)
+            self.bar.console.print(text.rstrip("\n"), markup=False, highlight=False)
+        else:
+            print(f"{ev.message}:", file=sys.stderr)
+            sys.stderr.write(text if text.endswith("\n") else text + "\n")
+            sys.stderr.flush()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -140,28 +190,25 @@ class _Progress:
 
 def cmd_backup(ctx: Context) -> int:
     a = ctx.args
+    command = a.stdin_from_command
+    if a.stdin and command is not None:
+        raise UsageError("--stdin and --stdin-from-command exclude each other")
     if a.stdin and a.paths:
         raise UsageError("--stdin takes no paths")
-    if not a.stdin and not a.paths:
+    if command is not None and a.paths:
+        raise UsageError("--stdin-from-command takes no paths")
+    if not a.stdin and command is None and not a.paths:
         raise UsageError("nothing to back up: name at least one path")
+    opts = backup_options(
+        given_options(a, BACKUP_OPTS),
+        paths=a.paths,
+        dry_run=a.dry_run,
+        stdin_filename=a.stdin_filename if a.stdin or command is not None else None,
+        stdin_command=command,
+    )
     _, is_default = repo_url(a)
     if is_default:
         ensure_default_repo(ctx)
-    opts = BackupOptions(
-        paths=a.paths,
-        excludes=a.exclude,
-        exclude_files=a.exclude_file,
-        exclude_caches=a.exclude_caches,
-        exclude_if_present=a.exclude_if_present,
-        exclude_larger_than=parse_size(a.exclude_larger_than) if a.exclude_larger_than else None,
-        one_file_system=a.one_file_system,
-        tags=a.tag,
-        host=a.host,
-        parent=a.parent,
-        dry_run=a.dry_run,
-        compression_for=a.compression_for,
-        stdin_filename=a.stdin_filename if a.stdin else None,
-    )
     repo = open_repo(ctx)
     progress = _Progress(ctx)
     try:
@@ -181,9 +228,10 @@ def cmd_backup(ctx: Context) -> int:
     if ctx.json:
         ctx.emit({"type": "summary", **s})
     else:
+        carried = f", {s['files_carried']} carried" if s.get("files_carried") else ""
         ctx.out(
             f"files: {s['files_new']} new, {s['files_changed']} changed, "
-            f"{s['files_unmodified']} unmodified; {s['dirs']} directories"
+            f"{s['files_unmodified']} unmodified{carried}; {s['dirs']} directories"
         )
         ctx.out(
             f"processed {format_size(s['bytes_processed'])} in {s['duration_s']:.1f}s, "

@@ -8,29 +8,29 @@ from typing import Any
 
 from safehold.cli.common import Context, open_repo
 from safehold.errors import EXIT_OK, UsageError
+from safehold.ops import options as oo
 from safehold.ops.forget import ForgetOptions, forget, plan_forget
-from safehold.ops.prune import DEFAULT_GRACE_S, PruneOptions, parse_max_unused, prune
+from safehold.ops.prune import DEFAULT_GRACE_S, PruneOptions, prune
 from safehold.policy import Policy
-from safehold.units import format_size, parse_duration
+from safehold.units import format_size
 
 
 def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
     f = sub.add_parser("forget", parents=[parent], help="remove snapshots by id or by policy")
     f.add_argument("snapshots", nargs="*", metavar="SNAP")
-    for unit in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
-        f.add_argument(f"--keep-{unit}", type=int, default=0, metavar="N")
-    f.add_argument("--keep-within", metavar="DURATION", help="e.g. 1y2m3d4h")
-    f.add_argument("--keep-tag", action="append", default=[], metavar="TAG")
-    f.add_argument("--group-by", default="host,paths", metavar="host,paths,tags")
+    for opt in oo.RETENTION_OPTS:
+        if opt.kind == "bool":
+            f.add_argument(opt.flag, action="store_true", help=opt.help)
+        elif opt.kind == "list":
+            f.add_argument(
+                opt.flag, action="append", default=[], metavar=opt.metavar, help=opt.help
+            )
+        else:
+            f.add_argument(opt.flag, metavar=opt.metavar, help=opt.help)
     f.add_argument("--host", metavar="HOST")
     f.add_argument("--tag", action="append", default=[], metavar="TAG")
     f.add_argument("--path", action="append", default=[], metavar="PATH")
     f.add_argument("--dry-run", "-n", action="store_true", help="show the plan, remove nothing")
-    f.add_argument(
-        "--allow-empty",
-        action="store_true",
-        help="allow a policy to remove every snapshot of a group",
-    )
     f.add_argument("--prune", action="store_true", help="prune afterwards")
     _prune_options(f)
     f.set_defaults(func=cmd_forget)
@@ -62,32 +62,25 @@ def _prune_options(p: argparse.ArgumentParser) -> None:
 def _prune_opts(a: argparse.Namespace, dry_run: bool) -> PruneOptions:
     if a.grace_minutes is not None and a.grace_minutes < 0:
         raise UsageError("--grace-minutes must not be negative")
-    grace = None if a.grace_minutes is None else a.grace_minutes * 60
-    return PruneOptions(parse_max_unused(a.max_unused), dry_run, grace)
+    given: dict[str, Any] = {"max_unused": a.max_unused}
+    if a.grace_minutes is not None:
+        given["grace_minutes"] = a.grace_minutes
+    return oo.prune_options(given, dry_run=dry_run)
 
 
-def _policy(a: argparse.Namespace) -> Policy:
-    counts = {
-        u: getattr(a, f"keep_{u}")
-        for u in ("last", "hourly", "daily", "weekly", "monthly", "yearly")
-    }
-    if any(v < 0 for v in counts.values()):
-        raise UsageError("--keep-* counts must not be negative")
-    group_by = tuple(g.strip() for g in a.group_by.split(",") if g.strip())
-    bad = [g for g in group_by if g not in ("host", "paths", "tags")]
-    if bad:
-        raise UsageError(f"cannot group by {bad[0]!r} (host, paths, tags)")
-    return Policy(
-        **counts,
-        within=parse_duration(a.keep_within) if a.keep_within else None,
-        tags=tuple(a.keep_tag),
-        group_by=group_by,
-    )
+def _policy(a: argparse.Namespace) -> tuple[Policy, bool]:
+    """The policy from the --keep-* options, through the table the jobs file uses too."""
+    given: dict[str, Any] = {}
+    for opt in oo.RETENTION_OPTS:
+        value = getattr(a, opt.name)
+        if value not in (None, [], False):
+            given[opt.name] = value
+    return oo.retention_policy(given)
 
 
 def cmd_forget(ctx: Context) -> int:
     a = ctx.args
-    policy = _policy(a)
+    policy, allow_empty = _policy(a)
     repo = open_repo(ctx)
     try:
         # forget deletes snapshot objects only: backups run beside it; prune and other forgets
@@ -102,7 +95,7 @@ def cmd_forget(ctx: Context) -> int:
                     host=a.host,
                     tags=a.tag,
                     paths=a.path,
-                    allow_empty=a.allow_empty,
+                    allow_empty=allow_empty,
                 ),
             )
             removed = [] if a.dry_run or lock is None else forget(repo, plan, lock=lock)

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from safehold.backends.registry import open_backend
+from safehold.cli.cmd_copy import add_from_options, open_from_repo
 from safehold.cli.common import (
     Context,
     backend_options,
@@ -35,9 +36,16 @@ from safehold.units import format_size, parse_size
 
 def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("init", parents=[parent], help="create a repository")
-    p.add_argument("--chunk-avg", default="1M", metavar="SIZE")
+    p.add_argument("--chunk-avg", default=None, metavar="SIZE", help="default: 1M")
     p.add_argument("--compression", default="auto", metavar="auto|zstd[,LEVEL]|none")
     p.add_argument("--pack-size", default="16M", metavar="SIZE")
+    p.add_argument(
+        "--copy-chunker-params",
+        action="store_true",
+        help="chunk like --from-repo (its chunk sizes, chunker seed and blob id key), so that "
+        "'copy' between the two deduplicates",
+    )
+    add_from_options(p)
     p.set_defaults(func=cmd_init)
 
     c = sub.add_parser("check", parents=[parent], help="check the repository for damage")
@@ -120,16 +128,30 @@ def cmd_init(ctx: Context) -> int:
     a = ctx.args
     url, is_default = repo_url(a)
     backend = open_backend(url, backend_options(a))
-    password = get_password(a, is_default=is_default, confirm=True)
+    if a.copy_chunker_params and a.chunk_avg is not None:
+        raise UsageError("--chunk-avg and --copy-chunker-params exclude each other")
+    if a.from_repo and not a.copy_chunker_params:
+        raise UsageError("init takes --from-repo only with --copy-chunker-params")
+    like = None
+    if a.copy_chunker_params:
+        if not a.from_repo:
+            raise UsageError("--copy-chunker-params needs --from-repo URL (the repository to copy)")
+        like = open_from_repo(a)
     try:
-        opts = InitOptions(
-            chunk_avg=parse_size(a.chunk_avg),
-            compression=str(Compression.parse(a.compression)),
-            pack_size=parse_size(a.pack_size),
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    repo = Repository.init(backend, password, opts, cache_dir=cache_dir(a))
+        password = get_password(a, is_default=is_default, confirm=True)
+        try:
+            opts = InitOptions(
+                chunk_avg=parse_size(a.chunk_avg or "1M"),
+                compression=str(Compression.parse(a.compression)),
+                pack_size=parse_size(a.pack_size),
+                chunker_from=like,
+            )
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        repo = Repository.init(backend, password, opts, cache_dir=cache_dir(a))
+    finally:
+        if like is not None:
+            like.close()
     if ctx.json:
         ctx.emit({"type": "init", "repository": backend.location, "id": repo.config.repo_id.hex()})
     else:

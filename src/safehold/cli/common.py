@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -21,14 +20,12 @@ import platformdirs
 from safehold.backends.registry import open_backend
 from safehold.errors import (
     EXIT_WARNINGS,
-    FormatError,
-    NotFound,
     RepositoryNotFound,
     SafeholdError,
     UsageError,
 )
 from safehold.events import Event
-from safehold.format.config import split_config
+from safehold.ops.access import probe, read_password_file, run_password_command
 from safehold.repository.cache import prepare_cache_root
 from safehold.repository.repo import Repository
 from safehold.units import parse_wait
@@ -116,21 +113,11 @@ def backend_options(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _read_file(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read().rstrip(b"\r\n")
-    except OSError as e:
-        raise UsageError(f"cannot read password file {path}: {e.strerror}") from None
+    return read_password_file(path)
 
 
 def _run_command(cmd: str) -> bytes:
-    try:
-        proc = subprocess.run(cmd, shell=True, capture_output=True, check=False)
-    except OSError as e:
-        raise UsageError(f"password command failed: {e}") from None
-    if proc.returncode != 0:
-        raise UsageError(f"password command exited with status {proc.returncode}")
-    return proc.stdout.rstrip(b"\r\n")
+    return run_password_command(cmd)
 
 
 def get_password(args: argparse.Namespace, *, is_default: bool, confirm: bool = False) -> bytes:
@@ -180,23 +167,8 @@ def open_repo(ctx: Context, *, use_cache: bool = True) -> Repository:
             "no repository given: use --repo or SAFEHOLD_REPOSITORY (or run 'safehold backup "
             "PATH' once to create the default repository)"
         )
-    from safehold.errors import UnsupportedVersion
-    from safehold.repository.keys import readable_key_file
-
     backend = open_backend(url, backend_options(ctx.args))
-    try:
-        split_config(backend.load("config"))  # an unknown version fails before any prompt
-    except UnsupportedVersion:
-        # ... unless a key file is of our version: then the clear header may be damaged, and
-        # open decides with the key (docs/format.md §14.2)
-        if readable_key_file(backend) is None:
-            raise
-    except (NotFound, FormatError) as e:
-        # a missing or damaged config beside key files: open uses the copy in a key file
-        if not any(True for _ in backend.list("keys/")):
-            if isinstance(e, NotFound):
-                raise RepositoryNotFound(f"there is no repository at {backend.location}") from None
-            raise
+    probe(backend)
     password = get_password(ctx.args, is_default=is_default)
     repo = Repository.open(backend, password, cache_dir=cache_dir(ctx.args) if use_cache else None)
     if repo.config_damaged:

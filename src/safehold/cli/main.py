@@ -8,7 +8,16 @@ import sys
 import traceback
 
 from safehold._version import __version__
-from safehold.cli import cmd_backup, cmd_browse, cmd_forget, cmd_repo, cmd_serve
+from safehold.cli import (
+    cmd_backup,
+    cmd_browse,
+    cmd_copy,
+    cmd_forget,
+    cmd_jobs,
+    cmd_repo,
+    cmd_schedule,
+    cmd_serve,
+)
 from safehold.cli.common import Context, finish_repo
 from safehold.errors import EXIT_ERROR, EXIT_INTERRUPTED, SafeholdError
 
@@ -37,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WAIT",
         help="wait up to WAIT (30s, 5m, 1h) for another client's lock instead of failing",
     )
+    g.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        metavar="PATH",
+        help="the jobs file (default: safehold.toml in the config directory, then "
+        "/etc/safehold/safehold.toml)",
+    )
     g.add_argument("--password-file", "-p", default=argparse.SUPPRESS, metavar="FILE")
     g.add_argument("--password-command", default=argparse.SUPPRESS, metavar="CMD")
     g.add_argument("--cache-dir", default=argparse.SUPPRESS, metavar="DIR")
@@ -61,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_browse.add_parsers(sub, common)
     cmd_forget.add_parsers(sub, common)
     cmd_serve.add_parsers(sub, common)
+    cmd_copy.add_parsers(sub, common)
+    cmd_jobs.add_parsers(sub, common)
+    cmd_schedule.add_parsers(sub, common)
     return parser
 
 
@@ -68,6 +87,7 @@ _DEFAULTS: dict[str, object] = {
     "repo": None,
     "option": [],
     "retry_lock": None,
+    "config": None,
     "password_file": None,
     "password_command": None,
     "cache_dir": None,

@@ -31,25 +31,27 @@ class Snapshot:
     gid: int = 0
     program: str = ""
     summary: dict[str, Any] = dc_field(default_factory=dict)
+    original: bytes | None = None  # a copy's source snapshot id (``safehold copy``); else None
     id: str = ""  # the storage id, set when loaded or saved; not serialized
 
     def to_bytes(self) -> bytes:
-        return pack(
-            {
-                "v": FORMAT_VERSION,
-                "time": self.time_ns,
-                "host": self.host,
-                "user": self.user,
-                "uid": self.uid,
-                "gid": self.gid,
-                "paths": self.paths,
-                "tags": self.tags,
-                "parent": self.parent,
-                "tree": self.tree,
-                "program": self.program,
-                "summary": self.summary,
-            }
-        )
+        obj: dict[str, Any] = {
+            "v": FORMAT_VERSION,
+            "time": self.time_ns,
+            "host": self.host,
+            "user": self.user,
+            "uid": self.uid,
+            "gid": self.gid,
+            "paths": self.paths,
+            "tags": self.tags,
+            "parent": self.parent,
+            "tree": self.tree,
+            "program": self.program,
+            "summary": self.summary,
+        }
+        if self.original is not None:
+            obj["original"] = self.original  # written only by copies: other snapshots unchanged
+        return pack(obj)
 
     @classmethod
     def from_bytes(cls, data: bytes, snapshot_id: str = "") -> Snapshot:
@@ -57,6 +59,7 @@ class Snapshot:
         obj = need_map(unpack(data, what), what)
         check_version(obj, what)
         parent = obj.get("parent")
+        original = obj.get("original")
         paths = field(obj, "paths", list, what)
         tags = opt(obj, "tags", list, what, [])
         if not all(isinstance(x, str) for x in paths + tags):
@@ -75,5 +78,6 @@ class Snapshot:
             gid=opt(obj, "gid", int, what, 0),
             program=opt(obj, "program", str, what, ""),
             summary=opt(obj, "summary", dict, what, {}),
+            original=None if original is None else check_id(original, "snapshot original"),
             id=snapshot_id,
         )

@@ -15,8 +15,10 @@ import contextlib
 import dataclasses
 import getpass
 import os
+import signal
 import socket
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -56,6 +58,10 @@ backup never takes the file as unmodified, whatever its timestamps say then."""
 RACY_NS = 3_000_000_000
 """On a file system with whole-second timestamps, a file whose mtime or ctime is this close to
 the end of its read is read again by the next backup (FAT's mtime ticks every 2 s)."""
+STDERR_KEEP = 64 * 1024
+"""How much of a source command's standard error is kept (its end)."""
+KILL_AFTER_S = 3.0
+"""A source command still running this long after SIGTERM is sent SIGKILL."""
 
 
 @dataclass
@@ -76,6 +82,12 @@ class BackupOptions:
     compression: str | None = None  # default: the repository's setting
     compression_for: list[str] = field(default_factory=list)
     stdin_filename: str | None = None  # back up the ``stdin`` stream under this name
+    # back up this shell command's standard output as ``stdin_filename`` (default "stdin"); the
+    # backup fails, storing no snapshot, when the command fails
+    stdin_command: str | None = None
+    # files and symlinks matching these patterns (gitignore style, as excludes) that are in the
+    # parent snapshot but no longer in the source (and not excluded) are carried forward
+    keep_deleted: list[str] = field(default_factory=list)
     workers: int = 4  # 0: everything in the calling thread (deterministic; for simulation)
     index_flush_packs: int = 4
     index_flush_seconds: float = 10.0
@@ -94,6 +106,7 @@ class _Counters:
     files_changed: int = 0
     files_unmodified: int = 0
     files_failed: int = 0
+    files_carried: int = 0  # carried forward from the parent (keep_deleted)
     dirs: int = 0
     dirs_unchanged: int = 0  # reused from the directory cache
     others: int = 0
@@ -119,6 +132,7 @@ class _DirJob:
     cached: DirState | None = None  # set when the directory is unchanged since the cached run
     fast_children: list[tuple[bytes, _DirJob]] = field(default_factory=list)
     failed: bool = False  # something in it could not be read: do not cache its tree
+    carried: bool = False  # it holds entries carried from the parent: do not cache its tree
 
 
 _Walk = Generator[Any, Any, _DirJob]
@@ -194,6 +208,12 @@ class _Archiver:
             larger_than=opts.exclude_larger_than,
             one_file_system=opts.one_file_system,
         )
+        self.keep: ExcludeRules | None = None
+        if opts.keep_deleted:
+            try:
+                self.keep = ExcludeRules(patterns=list(opts.keep_deleted))
+            except Exception as e:  # pathspec's own errors
+                raise UsageError(f"invalid --keep-deleted pattern: {e}") from None
         self.compression = CompressionRules.parse(
             opts.compression or repo.config.compression, opts.compression_for
         )
@@ -413,7 +433,10 @@ class _Archiver:
         parent: dict[bytes, Node] | None,
         root_dev: int,
         node: Node | None = None,
+        keep: dict[bytes, Node] | None = None,
     ) -> Generator[Any, Any, None]:
+        """``keep``: the parent snapshot's entries of this directory, when keep_deleted patterns
+        are given (``parent`` may instead come from the directory cache)."""
         if node is None:
             if self.excluded(path, st):
                 return
@@ -426,8 +449,14 @@ class _Archiver:
         prev = parent.get(name) if parent else None
         if node.type == "dir":
             self.counters.dirs += 1
+            kprev = keep.get(name) if keep else None
             sub = yield from self.walk_subdir(
-                path, node, prev.subtree if prev and prev.type == "dir" else None, st, root_dev
+                path,
+                node,
+                prev.subtree if prev and prev.type == "dir" else None,
+                st,
+                root_dev,
+                kprev.subtree if kprev and kprev.type == "dir" else None,
             )
             job.items.append((node, None, sub))
         elif node.type == "file":
@@ -492,18 +521,28 @@ class _Archiver:
         parent_tree: bytes | None,
         st: os.stat_result,
         root_dev: int,
+        keep_tree: bytes | None = None,
     ) -> _Walk:
         self.counters.dirs += 1
         if self.rules.one_file_system and st.st_dev != root_dev:
             sub = _DirJob(node)  # a mount point: kept, its contents are not
             self.pending.append(sub)
             return sub
-        job: _DirJob = yield self.walk_dir(path, node, parent_tree, root_dev)
+        job: _DirJob = yield self.walk_dir(path, node, parent_tree, root_dev, keep_tree)
         return job
 
     def walk_dir(
-        self, path: bytes, node: Node | None, parent_tree: bytes | None, root_dev: int
+        self,
+        path: bytes,
+        node: Node | None,
+        parent_tree: bytes | None,
+        root_dev: int,
+        keep_tree: bytes | None = None,
     ) -> _Walk:
+        """``parent_tree``: this directory's tree to compare files with (from the parent
+        snapshot, or from the directory cache below a directory reused from it);
+        ``keep_tree``: its tree in the parent snapshot, where entries are carried from (only
+        with keep_deleted patterns)."""
         self.check_stop()
         fut = self.prefetched.pop(path, None)
         listing, took = fut.result() if fut is not None else self.timed_scan(path)
@@ -522,6 +561,7 @@ class _Archiver:
                     self.prefetched[pbase + name] = self.scan_pool.submit(
                         self.timed_scan, pbase + name
                     )
+        unlisted = isinstance(listing, OSError)
         if isinstance(listing, OSError):
             self.warn(f"cannot read directory {os.fsdecode(path)}: {listing.strerror or listing}")
             job.failed = True
@@ -531,14 +571,21 @@ class _Archiver:
         if len(ok) == len(listing):
             job.fingerprint = fingerprint(ok)
             cached = self.dircache.get(path)
+            # with keep_deleted, a cached tree is reused only when it is the parent snapshot's
+            # tree of this directory (then every entry of the parent is here still: a cached
+            # tree never holds carried entries) or when the parent has no such directory
             if (
                 cached is not None
                 and cached.fingerprint == job.fingerprint
+                and (self.keep is None or keep_tree is None or keep_tree == cached.tree)
                 and self.links_agree(ok)
                 and self.tree_reusable(cached.tree)
             ):
-                return (yield from self.walk_unchanged(job, cached, ok, base, root_dev))
+                return (yield from self.walk_unchanged(job, cached, ok, base, root_dev, keep_tree))
         parent = self.parent_nodes(parent_tree)
+        keep: dict[bytes, Node] | None = None
+        if self.keep is not None and keep_tree is not None:
+            keep = parent if keep_tree == parent_tree else self.parent_nodes(keep_tree)
         for name, st, err in listing:
             self.check_stop()
             child = base + name
@@ -549,7 +596,9 @@ class _Archiver:
                 job.failed = True
             else:
                 assert st is not None
-                yield from self.add_entry(job, child, name, st, parent, root_dev)
+                yield from self.add_entry(job, child, name, st, parent, root_dev, keep=keep)
+        if keep and not unlisted:  # what could not be listed is not known to be deleted
+            self.carry_missing(job, path, {name for name, _, _ in listing}, keep)
         self.pending.append(job)
         self.drain(block=False)
         return job
@@ -561,6 +610,7 @@ class _Archiver:
         entries: list[tuple[bytes, os.stat_result]],
         base: bytes,
         root_dev: int,
+        keep_tree: bytes | None = None,
     ) -> _Walk:
         """A directory whose entries are as in the cached run: only its subdirectories are
         walked; its files are neither read nor compared one by one."""
@@ -569,8 +619,15 @@ class _Archiver:
         c.dirs_unchanged += 1
         for name, st in entries:
             if stat.S_ISDIR(st.st_mode):
+                child_tree = cached.children.get(name)
                 sub = yield from self.walk_subdir(
-                    base + name, None, cached.children.get(name), st, root_dev
+                    base + name,
+                    None,
+                    child_tree,
+                    st,
+                    root_dev,
+                    # the parent's tree is this cached one (or there is none)
+                    child_tree if keep_tree is not None else None,
                 )
                 job.fast_children.append((name, sub))
             elif stat.S_ISREG(st.st_mode):
@@ -584,6 +641,100 @@ class _Archiver:
         self.pending.append(job)
         self.drain(block=False)
         return job
+
+    # --- keep_deleted ------------------------------------------------------------------------
+
+    def carry_missing(
+        self, job: _DirJob, path: bytes, present: set[bytes], keep: dict[bytes, Node]
+    ) -> None:
+        """Carry the parent's entries that are gone from the directory ``path`` (not those left
+        out by the excludes: an excluded file is not a deleted one)."""
+        missing = [n for name, n in keep.items() if name not in present]
+        if not missing or self.rules.excludes_dir_contents(path):
+            return
+        base = path if path.endswith(b"/") else path + b"/"
+        for prev in sorted(missing, key=lambda n: n.name):
+            self.check_stop()
+            cpath = base + prev.name
+            if prev.type == "dir":
+                if prev.subtree is None or self.rules.excludes_path(cpath, True):
+                    continue
+                tree = self.carry_dir(cpath, prev.subtree)
+                if tree is not None:
+                    job.items.append((dataclasses.replace(prev, subtree=tree), None, None))
+                    job.carried = True
+            else:
+                node = self.carry_leaf(cpath, prev)
+                if node is not None:
+                    job.items.append((node, None, None))
+                    job.carried = True
+
+    def carry_leaf(self, path: bytes, prev: Node) -> Node | None:
+        """The node to carry for a vanished file or symlink of the parent, or None."""
+        keep = self.keep
+        if keep is None or prev.type not in ("file", "symlink"):
+            return None
+        if not keep.excludes_path(path, False) or self.rules.excludes_path(path, False):
+            return None
+        if prev.type == "file":
+            if prev.content is None:
+                return None
+            limit = self.rules.larger_than
+            if limit is not None and prev.size > limit:
+                return None  # excluded now
+            index = self.session.index
+            if not all(c in index for c in prev.content):
+                self.warn(
+                    f"cannot carry {os.fsdecode(path)} forward: its data is damaged or missing "
+                    "in the repository"
+                )
+                return None
+        self.counters.files_carried += 1
+        # nlink 1: its inode number may belong to another file by now, and a restore must not
+        # make the two one
+        return dataclasses.replace(prev, nlink=1)
+
+    def carry_dir(self, path: bytes, tree: bytes) -> bytes | None:
+        """The tree of a vanished directory of the parent holding only what is carried from it
+        (depth first with an explicit stack), or None when nothing in it is carried."""
+        top = self.parent_nodes(tree)
+        if top is None:
+            return None
+        # each frame: its path, the entries still to look at, what it keeps, its own node
+        stack: list[tuple[bytes, list[Node], list[Node], Node | None]] = [
+            (path, sorted(top.values(), key=lambda n: n.name, reverse=True), [], None)
+        ]
+        while True:
+            dpath, todo, kept, dnode = stack[-1]
+            if not todo:
+                stack.pop()
+                tid = self.store_tree(kept) if kept else None
+                if not stack:
+                    return tid
+                if tid is not None:
+                    assert dnode is not None
+                    stack[-1][2].append(dataclasses.replace(dnode, subtree=tid))
+                continue
+            self.check_stop()
+            prev = todo.pop()
+            cpath = dpath + b"/" + prev.name
+            if prev.type == "dir":
+                if prev.subtree is None or self.rules.excludes_path(cpath, True):
+                    continue
+                nodes = self.parent_nodes(prev.subtree)
+                if nodes:
+                    stack.append(
+                        (
+                            cpath,
+                            sorted(nodes.values(), key=lambda n: n.name, reverse=True),
+                            [],
+                            prev,
+                        )
+                    )
+            else:
+                node = self.carry_leaf(cpath, prev)
+                if node is not None:
+                    kept.append(node)
 
     def drain(self, *, block: bool) -> None:
         while self.pending:
@@ -618,7 +769,7 @@ class _Archiver:
                 node.subtree = sub.tree_id
             nodes.append(node)
         job.tree_id = self.store_tree(nodes)
-        if job.fingerprint is not None and not job.failed:
+        if job.fingerprint is not None and not job.failed and not job.carried:
             children = {n.name: n.subtree for n in nodes if n.subtree is not None}
             self.dircache.put(job.path, DirState(job.fingerprint, job.tree_id, children))
 
@@ -685,7 +836,8 @@ class _Archiver:
                 sub = yield self.walk_virtual(cpath, child, sub_parent)
                 job.items.append((node, None, sub))
             else:
-                yield from self.add_entry(job, cpath, name, st, parent, st.st_dev)
+                keep = parent if self.keep is not None else None
+                yield from self.add_entry(job, cpath, name, st, parent, st.st_dev, keep=keep)
         self.pending.append(job)
         return job
 
@@ -766,6 +918,160 @@ def _choose_parent(
     return same[-1] if same else None
 
 
+class CommandFailed(SafeholdError):
+    """A backup's source command could not be started, failed or was killed."""
+
+
+def _label(command: str) -> str:
+    one = " ".join(command.split())
+    return f"'{one}'" if len(one) <= 80 else f"'{one[:77]}...'"
+
+
+class CommandSource:
+    """A shell command (``/bin/sh -c``) whose standard output is read as a stream.
+
+    It runs in a process group of its own, so that a stop reaches whatever it started (a shell
+    that forks, a pipeline): SIGTERM to the group, SIGKILL after :data:`KILL_AFTER_S`. Its
+    standard error is read by a thread, keeping the last :data:`STDERR_KEEP` bytes. Use as a
+    context manager; :meth:`finish` after the output ended raises when the command failed.
+    """
+
+    def __init__(self, command: str, stop: threading.Event) -> None:
+        self.command = command
+        self.label = _label(command)
+        self.stop = stop
+        try:
+            self.proc = subprocess.Popen(
+                ["/bin/sh", "-c", command],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                bufsize=0,
+                start_new_session=True,
+            )
+        except OSError as e:
+            raise CommandFailed(
+                f"cannot start the command {self.label}: {e.strerror or e}"
+            ) from None
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._out = self.proc.stdout.fileno()
+        self._tail = bytearray()
+        self.truncated = False
+        self.killed = False  # stopped by us
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._err = threading.Thread(
+            target=self._read_stderr, args=(self.proc.stderr.fileno(),), daemon=True
+        )
+        self._watch = threading.Thread(target=self._watch_stop, daemon=True)
+        self._err.start()
+        self._watch.start()
+
+    def readinto(self, buffer: memoryview, /) -> int | None:
+        return os.readv(self._out, [buffer])
+
+    def _read_stderr(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self._tail += data
+            if len(self._tail) > 2 * STDERR_KEEP:
+                del self._tail[:-STDERR_KEEP]
+                self.truncated = True
+
+    @property
+    def stderr(self) -> str:
+        tail = bytes(self._tail)
+        if len(tail) > STDERR_KEEP:
+            tail = tail[-STDERR_KEEP:]
+            self.truncated = True
+        return tail.decode("utf-8", "replace")
+
+    def _watch_stop(self) -> None:
+        while not self._done.is_set():
+            if self.stop.wait(0.1):
+                if not self._done.is_set():
+                    self.terminate()
+                return
+
+    def _signal(self, sig: int) -> None:
+        with contextlib.suppress(OSError):
+            os.killpg(self.proc.pid, sig)
+
+    def terminate(self) -> None:
+        """Stop the command and what it started: SIGTERM, then SIGKILL if it lingers."""
+        with self._lock:
+            if self.killed:
+                return
+            self.killed = True
+            self._signal(signal.SIGTERM)
+            try:
+                self.proc.wait(KILL_AFTER_S)
+            except subprocess.TimeoutExpired:
+                pass
+            self._signal(signal.SIGKILL)  # the group's stragglers too
+            self.proc.wait()
+
+    def _last_line(self) -> str:
+        lines = [x.strip() for x in self.stderr.splitlines() if x.strip()]
+        if not lines:
+            return ""
+        last = lines[-1]
+        return ": " + (last if len(last) <= 200 else last[:197] + "...")
+
+    def finish(self) -> None:
+        """Wait for the command (its output has ended); raise unless it exited with status 0."""
+        while True:
+            try:
+                rc = self.proc.wait(0.1)
+                self._done.set()
+                break
+            except subprocess.TimeoutExpired:
+                if self.stop.is_set():
+                    self.terminate()
+        self._err.join(5)
+        if self.stop.is_set() or self.killed:
+            raise Interrupted("interrupted: the command was stopped, no snapshot was stored")
+        if rc > 0:
+            raise CommandFailed(
+                f"the command {self.label} exited with status {rc}{self._last_line()}"
+            )
+        if rc < 0:
+            try:
+                name = signal.Signals(-rc).name
+            except ValueError:
+                name = str(-rc)
+            raise CommandFailed(
+                f"the command {self.label} was killed by signal {name}{self._last_line()}"
+            )
+
+    def close(self, events: EventSink) -> None:
+        """End the command if it still runs, and report its standard error."""
+        if self.proc.poll() is None:
+            self.terminate()
+        self._done.set()
+        self._watch.join()
+        self._err.join(5)
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+        text = self.stderr
+        if text:
+            lines = text.count("\n") + (0 if text.endswith("\n") else 1)
+            events(
+                Event(
+                    "info",
+                    f"the command {self.label} wrote {lines} lines to its standard error"
+                    + (" (its last 64 KiB kept)" if self.truncated else ""),
+                    data={"command": self.command, "stderr": text, "truncated": self.truncated},
+                )
+            )
+
+
 class InlineExecutor:
     """An executor that runs each task at once in the calling thread."""
 
@@ -792,7 +1098,13 @@ def backup(
     estimate_totals: bool = False,
     lock: RepositoryLock | None = None,
 ) -> BackupResult:
-    """Back up ``opts.paths`` (or ``stdin`` as ``opts.stdin_filename``) into a new snapshot.
+    """Back up ``opts.paths`` (or ``stdin``, or the standard output of ``opts.stdin_command``,
+    as the file ``opts.stdin_filename``) into a new snapshot.
+
+    A source command that cannot be started, exits non-zero or is killed fails the backup with
+    :class:`CommandFailed` (no snapshot is stored; what was uploaded is indexed and reused); a
+    stop ends it (SIGTERM, then SIGKILL) and raises Interrupted. Its standard error (the last
+    64 KiB) is reported by an ``info`` event whose ``data["stderr"]`` holds it.
 
     The backup holds a shared repository lock (it takes one unless ``lock``, a lock the caller
     holds, is given) and reads the index only once the lock is stored, so that prune can see it
@@ -821,12 +1133,21 @@ def _backup(
 ) -> BackupResult:
     started = time.time()
     stop = stop or threading.Event()
-    if opts.stdin_filename is not None:
-        if stdin is None:
+    name = opts.stdin_filename
+    if opts.stdin_command is not None:
+        if stdin is not None:
+            raise UsageError("back up either standard input or a command's output, not both")
+        if opts.paths:
+            raise UsageError("a command's output is backed up alone: it takes no paths")
+        if not opts.stdin_command.strip():
+            raise UsageError("the command to back up the output of is empty")
+        name = "stdin" if name is None else name
+    if name is not None:
+        if stdin is None and opts.stdin_command is None:
             raise UsageError("--stdin needs a stream to read")
-        if not opts.stdin_filename or "/" in opts.stdin_filename:
+        if not name or "/" in name or name in (".", ".."):
             raise UsageError("--stdin-filename must be a plain file name")
-        paths = ["/" + opts.stdin_filename]
+        paths = ["/" + name]
     else:
         if not opts.paths:
             raise UsageError("nothing to back up: name at least one path")
@@ -871,12 +1192,20 @@ def _backup(
     reporter = threading.Thread(target=report, daemon=True)
     reporter.start()
     bpaths = [os.fsencode(p) for p in paths]
-    if opts.stdin_filename is None and estimate_totals:
+    if name is None and estimate_totals:
         threading.Thread(target=arch.scan_totals, args=(bpaths,), daemon=True).start()
     try:
-        if opts.stdin_filename is not None:
+        if opts.stdin_command is not None:
+            assert name is not None
+            command = CommandSource(opts.stdin_command, stop)
+            try:
+                tree = arch.backup_stdin(command, name)
+                command.finish()  # a failed command: no snapshot
+            finally:
+                command.close(events)
+        elif name is not None:
             assert stdin is not None
-            tree = arch.backup_stdin(stdin, opts.stdin_filename)
+            tree = arch.backup_stdin(stdin, name)
         else:
             tree = arch.backup_paths(bpaths, parent.tree if parent else None)
         arch.pool.shutdown(wait=True)
@@ -884,7 +1213,7 @@ def _backup(
         arch.check_stop()
         if not opts.dry_run:
             session.flush()
-            if opts.stdin_filename is None:
+            if name is None:
                 arch.dircache.save(bpaths)
     except BaseException:
         stop.set()
@@ -904,6 +1233,7 @@ def _backup(
         "files_changed": c.files_changed,
         "files_unmodified": c.files_unmodified,
         "files_failed": c.files_failed,
+        "files_carried": c.files_carried,
         "dirs": c.dirs,
         "dirs_unchanged": c.dirs_unchanged,
         "other_entries": c.others,

@@ -76,6 +76,10 @@ class InitOptions:
     compression: str = "auto"
     pack_size: int = DEFAULT_PACK_SIZE
     kdf: crypto.KdfParams | None = None
+    chunker_from: Repository | None = None
+    """Chunk like this (open) repository: its chunker sizes, chunker seed and id key (``init
+    --copy-chunker-params``), so that ``copy`` between the two deduplicates and copies blobs by
+    id. ``chunk_avg`` is then ignored; every other secret is new."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,10 +149,14 @@ class Repository:
         if not password:
             raise UsageError("refusing an empty password: it would protect nothing")
         Compression.parse(options.compression)
-        try:
-            chunk = ChunkerParams.for_avg(options.chunk_avg)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        like = options.chunker_from
+        if like is not None:
+            chunk = like.chunker_params
+        else:
+            try:
+                chunk = ChunkerParams.for_avg(options.chunk_avg)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         if not 1 << 20 <= options.pack_size <= 1 << 30:
             raise UsageError("the pack size must be between 1 MiB and 1 GiB")
         try:
@@ -163,8 +171,12 @@ class Repository:
         secrets = Secrets(
             repo_id=os.urandom(16),
             meta_key=crypto.random_key(),
-            id_key=crypto.random_key(),
-            chunker_seed=(int.from_bytes(os.urandom(8), "little") >> 1) or 1,  # 63 bits
+            id_key=crypto.random_key() if like is None else like.secrets.id_key,
+            chunker_seed=(
+                (int.from_bytes(os.urandom(8), "little") >> 1) or 1  # 63 bits
+                if like is None
+                else like.secrets.chunker_seed
+            ),
             public_key=public,
             private_key=private,
         )

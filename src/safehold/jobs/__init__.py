@@ -1,0 +1,1 @@
+"""Unattended operation: the jobs file, schedules, runs, history, alerts."""
