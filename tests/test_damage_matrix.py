@@ -192,10 +192,22 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Pristine:
         tree_blob=next(b for b in tree_pack.blobs if b.id == tree_id),
         data_pack=data_pack,
         other_data_pack=other_data_pack,
-        data_blob=data_pack.blobs[0],
+        data_blob=_lost_for_good(data_pack, layout) or data_pack.blobs[0],
         index_id=index_id,
         other_index=min(i for i in layout.indexes if i != index_id),
     )
+
+
+def _lost_for_good(pack: PackInfo, layout: Layout) -> PackEntry | None:
+    """A data blob of ``pack`` that only the first snapshot uses (content the source no longer
+    has: a new backup cannot store it again), if the pack holds one. Choosing by pack order
+    alone made the cell test this case only when uploads happened to be ordered so."""
+    first, *rest = layout.snaps
+    later = {b for s in rest for deps in s.deps.values() for b in deps}
+    for b in sorted(pack.blobs, key=lambda e: e.id):
+        if any(b.id in deps for deps in first.deps.values()) and b.id not in later:
+            return b
+    return None
 
 
 # --- the cells ------------------------------------------------------------------------------

@@ -213,3 +213,51 @@ def test_warnings_do_not_fail_the_check(tmp_path: Path) -> None:
     r = _cli("--config", str(p), "config", "check")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "warning: jobs.j.retention (line 7): no prune cadence" in r.stdout
+
+
+def test_found_by_a_stranger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A typo in mirror_to, unchecked compression, ~ in file names, multi-line strings and
+    zero intervals: each reported where it is (or expanded), not at run time."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    text = """\
+[repositories.main]
+url = "/srv/main"
+password_file = "~/pw"
+[repositories.offsite]
+url = "/srv/offsite"
+password_file = "relative/pw"
+[jobs.a]
+repository = "main"
+sources = ["/x"]
+hooks = { before = \"\"\"echo hi
+[jobs.b]
+schedule = "nonsense"
+\"\"\" }
+mirror_to = ["ofsite", "main", "rclone:remote:path", "offsite"]
+compression = "zip"
+compression_for = ["*.txt=bogus"]
+exclude_file = ["~/excludes.txt"]
+timeout = "always"
+[jobs."wéird"]
+repository = "main"
+sources = ["/", 5]
+alert_if_no_success = "0s"
+"""
+    cfg, problems = check_text(text, tmp_path / "x.toml")
+    got = [str(p) for p in problems if p.severity == "error"]
+    want = [
+        'repositories.offsite.password_file (line 6): "relative/pw" is not an absolute path',
+        'jobs.a.mirror_to (line 14): "ofsite" is neither a repository of this file nor a URL',
+        'jobs.a.mirror_to (line 14): "main" is the job\'s own repository',
+        'jobs.a.compression (line 15): "zip"',
+        'jobs.a.compression_for (line 16): ["*.txt=bogus"]',
+        'jobs.a.timeout (line 18): "always" must be longer than zero',
+        'jobs.wéird (line 19): "wéird" is not a valid job name',
+        'jobs.wéird.sources (line 21): ["/", 5] is not a list of strings',
+        'jobs.wéird.alert_if_no_success (line 22): "0s" must be longer than zero',
+    ]
+    for w in want:
+        assert any(g.startswith(w) for g in got), f"missing {w!r} in:\n" + "\n".join(got)
+    assert len(got) == len(want), "\n".join(got)
+    assert cfg.repositories["main"].password.file == str(tmp_path / "pw")
+    assert cfg.jobs["a"].backup["exclude_file"] == [str(tmp_path / "excludes.txt")]

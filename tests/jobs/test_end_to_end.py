@@ -134,6 +134,8 @@ notify_on = ["success"]
         assert "broken" in mail.subject and "FAILED" in mail.subject, mail.subject
         assert "about to fail" in body and "status 7" in body, body
         assert PASSWORD not in body and "***" in body
+        log = Path(env.history("broken")[0]["log_path"])
+        assert PASSWORD not in log.read_text() and "***" in log.read_text()
         hooks = [q for q in http.requests if q.path == "/hook"]
         deadline = time.time() + 30
         while not hooks and time.time() < deadline:

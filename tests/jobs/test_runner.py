@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -210,3 +211,121 @@ command = "echo partial; exit 5"
     assert r.code == 2 and "status 5" in r.err, str(r)
     assert len(env.snapshots(str(repo))) == 1
     shutil.rmtree(out)
+
+
+def test_retention_touches_only_the_jobs_own_snapshots(env: JobEnv, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    env.init_repo(str(repo))
+    src = _source(tmp_path / "src")
+    # a manual backup of the same folder, and one from another host
+    env.repo_cli(str(repo), "backup", str(src))
+    env.repo_cli(str(repo), "backup", str(src), "--host", "elsewhere")
+    env.write(
+        repo_block("main", str(repo), env.pwfile)
+        + f'[jobs.a]\nrepository = "main"\nsources = ["{src}"]\n'
+        + 'retention = { keep_last = 1 }\nprune = "always"\n'
+        + f'[jobs.b]\nrepository = "main"\nsources = ["{src}"]\ntag = ["mine"]\n'
+    )
+    assert env("run", "b").code == 0
+    for i in range(3):
+        (src / f"n{i}").write_text(str(i))
+        r = env("run", "a")
+        assert r.code == 0, str(r)
+    snaps = env.snapshots(str(repo))
+    tags = sorted(",".join(sorted(s["tags"])) for s in snaps)
+    assert tags == ["", "", "job:a", "job:b,mine"], tags
+    assert {s["host"] for s in snaps} >= {"elsewhere"}
+    # what was kept still restores after the prunes
+    for s in snaps:
+        out = tmp_path / f"r-{s['id'][:8]}"
+        r = env.repo_cli(str(repo), "restore", s["id"], "--target", str(out), "--verify")
+        assert r.code == 0, str(r)
+
+
+def test_secrets_in_urls_and_passwords_never_reach_logs_history_or_alerts(
+    env: JobEnv, tmp_path: Path
+) -> None:
+    alerts = tmp_path / "alerts.txt"
+    notify = f'notify = ["command:cat >> {alerts}"]\n'
+    env.cli.env["REPO_PW"] = "env-password-1234"
+    env.write(
+        '[repositories.sftp]\nurl = "sftp://backup:UrlSecretPw99@127.0.0.1:1/srv/repo"\n'
+        f'password_file = "{env.pwfile}"\n'
+        '[repositories.envpw]\nurl = "/nonexistent/repo"\npassword_env = "REPO_PW"\n'
+        f'[jobs.url]\nrepository = "sftp"\nsources = ["{tmp_path}"]\n{notify}'
+        f'mirror_to = ["rclone::s3,access_key_id=AK,secret_access_key=RcSecret123:b/p"]\n'
+        f'[jobs.hook]\nrepository = "envpw"\nsources = ["{tmp_path}/missing"]\n{notify}'
+        'hooks = { before = "env | grep REPO_PW" }\n'
+    )
+    assert env("run", "url").code == 2
+    assert env("run", "hook").code == 2
+    secrets = ["UrlSecretPw99", "RcSecret123", "env-password-1234"]
+    texts = {"alerts": alerts.read_text()}
+    for job in ("url", "hook"):
+        run = env.history(job)[0]
+        texts[f"{job} history"] = json.dumps(run)
+        texts[f"{job} log"] = Path(run["log_path"]).read_text()
+    texts["jobs"] = env("--json", "jobs").out
+    assert "REPO_PW=***" in texts["hook log"], texts["hook log"]
+    for where, text in texts.items():
+        for secret in secrets:
+            assert secret not in text, f"{secret} in {where}:\n{text}"
+
+
+def test_a_killed_run_is_closed_and_a_skip_hides_no_result(env: JobEnv, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    env.init_repo(str(repo))
+    src = _source(tmp_path / "src")
+    started = tmp_path / "started"
+    env.write(
+        repo_block("main", str(repo), env.pwfile)
+        + f'[jobs.a]\nrepository = "main"\nsources = ["{src}"]\n'
+        + f'hooks = {{ before = "touch {started}; sleep 30" }}\n'
+    )
+    proc = env.popen("run")
+    deadline = time.time() + 30
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert [j["running"] for j in env.jobs_json()] == [True]
+    proc.kill()
+    proc.wait()
+    jobs = env.jobs_json()
+    assert jobs[0]["result"] == "failed" and "interrupted" in jobs[0]["message"], jobs
+    assert not jobs[0]["running"]
+    # an overlapping run's skip is in the history but is not the job's result
+    env.write(env.config.read_text().replace("sleep 30", "sleep 3"))
+    started.unlink()
+    first = env.popen("run")
+    while not started.exists() and time.time() < deadline + 30:
+        time.sleep(0.05)
+    assert env("run").code == 1
+    assert first.wait(60) == 0
+    assert env.jobs_json()[0]["result"] == "ok"
+    assert [r["result"] for r in env.history("a")] == ["warning", "ok", "failed"]
+
+
+def test_a_hanging_password_command_obeys_the_timeout(env: JobEnv, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    env.init_repo(str(repo))
+    src = _source(tmp_path / "src")
+    env.write(
+        f'[repositories.r]\nurl = "{repo}"\npassword_command = "sleep 60; cat {env.pwfile}"\n'
+        f'[jobs.a]\nrepository = "r"\nsources = ["{src}"]\ntimeout = "2s"\n'
+    )
+    t0 = time.monotonic()
+    r = env("run")
+    assert r.code == 2 and "timed out after 2s" in r.err, str(r)
+    assert time.monotonic() - t0 < 20
+
+
+def test_a_dangling_symlink_source_fails(env: JobEnv, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    env.init_repo(str(repo))
+    (tmp_path / "mnt").symlink_to(tmp_path / "unmounted-disk")
+    env.write(
+        repo_block("main", str(repo), env.pwfile)
+        + f'[jobs.a]\nrepository = "main"\nsources = ["{tmp_path}/mnt"]\n'
+    )
+    r = env("run")
+    assert r.code == 2 and "which is missing" in r.err, str(r)
+    assert env.snapshots(str(repo)) == []

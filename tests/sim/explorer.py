@@ -33,6 +33,7 @@ from safehold.crypto import KdfParams
 from safehold.errors import Locked, SafeholdError
 from safehold.ops.backup import BackupOptions, backup
 from safehold.ops.check import CheckOptions, check
+from safehold.ops.copy import CopyOptions, CopyResult, copy_snapshots
 from safehold.ops.forget import ForgetOptions, forget, plan_forget
 from safehold.ops.prune import DEFAULT_GRACE_S, PruneOptions, prune
 from safehold.repository.locks import LEASE_SECONDS
@@ -155,6 +156,8 @@ class World:
     sources: dict[str, Path]
     digests: dict[str, dict[str, str]]  # source name -> relative path -> sha256
     first: str  # the snapshot the forget task removes
+    copy_objects: dict[str, bytes] = field(default_factory=dict)  # the copy task's source
+    copy_args: tuple[Any, ...] = ()
 
 
 class Sim:
@@ -354,12 +357,25 @@ def make_world(base: Path) -> World:
     backup(repo, BackupOptions(paths=[str(sources["keep"])], workers=0))
     assert first is not None
     objects = {k: v for k, v in storage._objects.items() if not k.startswith("locks/")}
+    # the copy task's source: a repository that chunks like this one (so blobs are copied by
+    # id and deduplicate against packs prune condemns), holding the data of the forgotten
+    # snapshot and of another tree
+    src_storage = MemoryBackend("copy-source")
+    src = Repository.init(
+        src_storage,
+        b"pw2",
+        InitOptions(pack_size=1 << 20, kdf=KdfParams(1, 1024, 1), chunker_from=repo),
+    )
+    backup(src, BackupOptions(paths=[str(sources["old"])], workers=0))
+    backup(src, BackupOptions(paths=[str(sources["b2"])], workers=0))
     return World(
         objects=objects,
         repo_args=(repo.config, repo.secrets, repo.key_id),
         sources=sources,
         digests=digests,
         first=first.id,
+        copy_objects={k: v for k, v in src_storage._objects.items() if k[:6] != "locks/"},
+        copy_args=(src.config, src.secrets, src.key_id),
     )
 
 
@@ -394,6 +410,19 @@ def _forget_task(world: World, then_prune: bool) -> Callable[[Repository], Any]:
         if then_prune:
             return prune(repo, PruneOptions(max_unused=0.0))
         return None
+
+    return run
+
+
+def _copy_task(world: World) -> Callable[[Repository], Any]:
+    """``copy`` into the shared repository from a repository of its own (not scheduled)."""
+
+    def run(repo: Repository) -> Any:
+        storage = MemoryBackend("copy-source")
+        storage._objects = dict(world.copy_objects)
+        src = Repository(storage, *world.copy_args)
+        src.threads = 1
+        return copy_snapshots(src, repo, CopyOptions(index_flush_packs=1))
 
     return run
 
@@ -441,6 +470,8 @@ def _run_schedule(seed: int, world: World, inject: str, consistent: bool) -> Out
     if rng.random() < 0.7:
         # sometimes the same source as backup1: its parent may then be committed meanwhile
         sim.add("backup2", _backup_task(world, rng.choice(["b2", "b2", "b1"])))
+    if rng.random() < 0.5:
+        sim.add("copy", _copy_task(world))
     names = sorted(sim.tasks)
     shape = [f"tasks={','.join(names)}", f"lag={sim.lag:g}"]
     if rng.random() < 0.2:
@@ -448,7 +479,7 @@ def _run_schedule(seed: int, world: World, inject: str, consistent: bool) -> Out
         sim.tasks[victim].crash_at = rng.randint(1, 40)
         shape.append(f"crash={victim}@{sim.tasks[victim].crash_at}")
     if rng.random() < 0.35:
-        victim = rng.choice([n for n in names if n.startswith("backup")])
+        victim = rng.choice([n for n in names if n.startswith(("backup", "copy"))])
         sim.suspend_at = (victim, rng.randint(2, 80))
         shape.append(f"suspend={victim}@{sim.suspend_at[1]}")
     out = Outcome(seed, True, shape=" ".join(shape))
@@ -463,7 +494,7 @@ def _run_schedule(seed: int, world: World, inject: str, consistent: bool) -> Out
     committed: dict[str, str] = {}
     for t in sim.tasks.values():
         if t.error is not None:
-            if t.name.startswith("backup"):
+            if t.name.startswith(("backup", "copy")):
                 allowed = isinstance(t.error, Locked) and t.suspended
             else:  # maintenance may refuse (another holds the lock; a listing lagged)
                 allowed = isinstance(t.error, Locked) or (
@@ -471,6 +502,12 @@ def _run_schedule(seed: int, world: World, inject: str, consistent: bool) -> Out
                 )
             if not allowed:
                 out.problems.append(f"{t.name} failed: {t.error_text.strip().splitlines()[-1]}")
+        elif t.name == "copy" and not t.crashed:
+            res: CopyResult = t.result
+            if res.failed or len(res.copied) + len(res.skipped) != 2:
+                out.problems.append(f"copy: {res.as_dict()}")
+            for _src_id, dst_id in res.copied:
+                committed[dst_id] = "a copy"
         elif t.name.startswith("backup") and not t.crashed:
             snap = t.result.snapshot
             committed[snap.id] = snap.paths[0]

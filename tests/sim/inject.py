@@ -9,6 +9,8 @@
   packs that prune deleted meanwhile.
 * ``trust-plan``: deletion carries out the plan's condemned list as it stands, without deriving
   again from the index objects and snapshots present.
+* ``copy-no-lease``: copy stores its snapshot without checking that its lock's lease still
+  holds, so a copy that slept through its lease commits into packs prune deleted meanwhile.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from safehold.errors import BackendError, NotFound
 from safehold.format.index import IndexedPack, IndexFile
 from safehold.format.plan import PlanFile
 from safehold.ids import index_name, pack_name, plan_name
+from safehold.ops import copy as copy_mod
 from safehold.ops import prune as prune_mod
 from safehold.repository import locks as locks_mod
 from safehold.repository.repo import Repository
 
-INJECTIONS = ("listing-race", "suspend-clock", "trust-plan")
+INJECTIONS = ("listing-race", "suspend-clock", "trust-plan", "copy-no-lease")
 
 
 def _finish_v01(repo: Repository, plan_id: str, plan: PlanFile, res: Any, events: Any) -> None:
@@ -108,6 +111,12 @@ def injected(name: str) -> Iterator[None]:
 
         patch(lock_cls, "_write", _write)
         patch(lock_cls, "age", age)
+    elif name == "copy-no-lease":
+
+        def commit(repo: Repository, snap: Any, lock: Any) -> None:
+            repo.save_snapshot(snap)
+
+        patch(copy_mod, "commit_snapshot", commit)
     else:
         raise ValueError(f"unknown injection {name!r}")
     try:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from safehold.cli.common import (
     Context,
+    add_option_arguments,
     ensure_default_repo,
     event_printer,
+    given_options,
     open_repo,
     repo_url,
     stop_on_signals,
@@ -19,7 +20,7 @@ from safehold.cli.common import (
 from safehold.errors import EXIT_DAMAGE, EXIT_ERROR, EXIT_OK, EXIT_WARNINGS, UsageError
 from safehold.events import Event
 from safehold.ops.backup import backup
-from safehold.ops.options import BACKUP_OPTS, Opt, backup_options, convert
+from safehold.ops.options import BACKUP_OPTS, backup_options
 from safehold.ops.restore import RestoreOptions, restore
 from safehold.repository.locks import reader_lock
 from safehold.units import format_size
@@ -48,35 +49,6 @@ exit status:
   130 interrupted (SIGINT, SIGTERM): files being written are removed; while the
      snapshot is still being read, before anything is written, nothing is written
 """
-
-
-def add_option_arguments(p: argparse.ArgumentParser, opts: Sequence[Opt]) -> None:
-    """One argument per option of the table: its value stays None unless given (lists
-    collect every use, flags are true when given, other values are converted later)."""
-    for o in opts:
-        flags = [o.flag] + ([o.short] if o.short else [])
-        if o.kind == "list":
-            p.add_argument(
-                *flags, dest=o.name, action="append", default=None, metavar=o.metavar, help=o.help
-            )
-        elif o.kind == "bool":
-            p.add_argument(*flags, dest=o.name, action="store_true", default=None, help=o.help)
-        else:
-            p.add_argument(*flags, dest=o.name, default=None, metavar=o.metavar, help=o.help)
-
-
-def given_options(args: argparse.Namespace, opts: Sequence[Opt]) -> dict[str, Any]:
-    """The options given on the command line, by name, converted (UsageError naming the flag)."""
-    out: dict[str, Any] = {}
-    for o in opts:
-        value = getattr(args, o.name, None)
-        if value is None:
-            continue
-        try:
-            out[o.name] = convert(o, value)
-        except UsageError as e:
-            raise UsageError(f"{o.flag}: {e}") from None
-    return out
 
 
 def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from safehold.backends.registry import open_backend
@@ -17,8 +18,9 @@ from safehold.cli.common import (
     repo_url,
     stop_on_signals,
 )
-from safehold.errors import EXIT_DAMAGE, EXIT_OK, EXIT_WARNINGS, UsageError
+from safehold.errors import EXIT_DAMAGE, EXIT_OK, EXIT_WARNINGS, UsageError, WrongPassword
 from safehold.events import Event
+from safehold.ids import pack_name
 from safehold.ops.access import PasswordSource, RepoSpec, open_repository, probe
 from safehold.ops.copy import CopyOptions, copy_snapshots
 from safehold.ops.mirror import MirrorOptions, mirror
@@ -98,7 +100,11 @@ def from_spec(args: argparse.Namespace) -> RepoSpec:
 
 
 def open_from_repo(args: argparse.Namespace) -> Repository:
-    return open_repository(from_spec(args))
+    spec = from_spec(args)
+    try:
+        return open_repository(spec)
+    except WrongPassword as e:
+        raise WrongPassword(f"the source repository {spec.url}: {e}") from None
 
 
 def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
@@ -144,7 +150,13 @@ def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--delete",
         action="store_true",
-        help="after copying, delete at TARGET the objects the repository no longer has",
+        help="after copying, delete at TARGET the objects the repository no longer has "
+        "(asks for the repository's password: a pack its index still lists is never deleted)",
+    )
+    m.add_argument(
+        "--verify",
+        action="store_true",
+        help="read back every object already at TARGET and replace those that are damaged",
     )
     m.add_argument(
         "--target-option",
@@ -199,19 +211,31 @@ def cmd_copy(ctx: Context) -> int:
     return EXIT_WARNINGS if warned else EXIT_OK
 
 
+def _still_indexed(ctx: Context) -> Callable[[str], bool]:
+    """For --delete: the packs the repository's index lists (opened with its password: a pack
+    missing from the repository while its index lists it was lost, not pruned)."""
+    repo = open_repo(ctx)
+    try:
+        listed = {pack_name(p.pack_id.hex()) for p in repo.reload_index(use_cache=False).packs()}
+    finally:
+        repo.close()
+    return listed.__contains__
+
+
 def cmd_mirror(ctx: Context) -> int:
     a = ctx.args
     url, _is_default = repo_url(a)
     src = open_backend(url, backend_options(a))
     try:
         probe(src)
+        keep = _still_indexed(ctx) if a.delete else None
         dst = open_backend(a.target, _key_values(a.target_option or [], "--target-option"))
         try:
             with stop_on_signals() as stop:
                 res = mirror(
                     src,
                     dst,
-                    MirrorOptions(delete=a.delete),
+                    MirrorOptions(delete=a.delete, keep=keep, verify=a.verify),
                     events=_printer(ctx),
                     stop=stop,
                 )
@@ -228,9 +252,11 @@ def cmd_mirror(ctx: Context) -> int:
         )
         if a.delete:
             line += f", deleted {res.deleted}"
+        if res.repaired:
+            line += f", replaced {res.repaired} damaged at the target"
         ctx.out(line)
         if res.failed:
             ctx.out(f"{len(res.failed)} objects not mirrored (see the warnings)")
     if res.failed:
         return EXIT_DAMAGE
-    return EXIT_WARNINGS if res.ignored else EXIT_OK
+    return EXIT_WARNINGS if res.ignored or res.kept else EXIT_OK

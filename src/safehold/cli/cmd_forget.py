@@ -6,7 +6,7 @@ import argparse
 import datetime as dt
 from typing import Any
 
-from safehold.cli.common import Context, open_repo
+from safehold.cli.common import Context, add_option_arguments, given_options, open_repo
 from safehold.errors import EXIT_OK, UsageError
 from safehold.ops import options as oo
 from safehold.ops.forget import ForgetOptions, forget, plan_forget
@@ -18,15 +18,7 @@ from safehold.units import format_size
 def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
     f = sub.add_parser("forget", parents=[parent], help="remove snapshots by id or by policy")
     f.add_argument("snapshots", nargs="*", metavar="SNAP")
-    for opt in oo.RETENTION_OPTS:
-        if opt.kind == "bool":
-            f.add_argument(opt.flag, action="store_true", help=opt.help)
-        elif opt.kind == "list":
-            f.add_argument(
-                opt.flag, action="append", default=[], metavar=opt.metavar, help=opt.help
-            )
-        else:
-            f.add_argument(opt.flag, metavar=opt.metavar, help=opt.help)
+    add_option_arguments(f, oo.RETENTION_OPTS)
     f.add_argument("--host", metavar="HOST")
     f.add_argument("--tag", action="append", default=[], metavar="TAG")
     f.add_argument("--path", action="append", default=[], metavar="PATH")
@@ -70,12 +62,7 @@ def _prune_opts(a: argparse.Namespace, dry_run: bool) -> PruneOptions:
 
 def _policy(a: argparse.Namespace) -> tuple[Policy, bool]:
     """The policy from the --keep-* options, through the table the jobs file uses too."""
-    given: dict[str, Any] = {}
-    for opt in oo.RETENTION_OPTS:
-        value = getattr(a, opt.name)
-        if value not in (None, [], False):
-            given[opt.name] = value
-    return oo.retention_policy(given)
+    return oo.retention_policy(given_options(a, oo.RETENTION_OPTS))
 
 
 def cmd_forget(ctx: Context) -> int:

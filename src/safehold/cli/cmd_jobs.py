@@ -13,7 +13,8 @@ from typing import Any
 from safehold.cli.common import Context, cache_dir
 from safehold.errors import EXIT_ERROR, EXIT_OK, EXIT_WARNINGS, UsageError
 from safehold.jobs.config import check_config, load_config
-from safehold.jobs.history import History, rfc3339, state_dir
+from safehold.jobs.history import History, JobLock, rfc3339, state_dir
+from safehold.jobs.schedule import local_zone
 
 RESULT_EXIT = {"ok": EXIT_OK, "warning": EXIT_WARNINGS, "failed": EXIT_ERROR}
 
@@ -119,6 +120,8 @@ def cmd_run(ctx: Context) -> int:
             say=ctx.note,
             metrics_file=Path(a.metrics_file) if a.metrics_file else None,
         )
+        if not cfg.jobs:
+            ctx.note(f"no jobs in {cfg.path}")
         outcomes = runner.run(a.jobs or None)
     finally:
         _restore(old)
@@ -215,13 +218,21 @@ def cmd_jobs(ctx: Context) -> int:
         if ctx.json:
             ctx.emit({"type": "jobs_check", "overdue": overdue})
         elif not overdue:
-            ctx.out("every job with alert_if_no_success succeeded in time")
+            watched = [n for n, j in cfg.jobs.items() if j.alert_if_no_success_s is not None]
+            ctx.out(
+                f"no job is overdue ({len(watched)} with alert_if_no_success)"
+                if watched
+                else "no job has alert_if_no_success"
+            )
         return EXIT_ERROR if overdue else EXIT_OK
     rows: list[dict[str, Any]] = []
     history = History(state)
     try:
-        tz = dt.datetime.now().astimezone().tzinfo
+        tz = local_zone()
         for name, job in cfg.jobs.items():
+            running = JobLock(state, name).running()
+            if not running:
+                history.close_unfinished(name, now)  # runs that were killed
             last = history.last(name)
             ok = history.last_success(name)
             nxt = (
@@ -240,6 +251,7 @@ def cmd_jobs(ctx: Context) -> int:
                     "duration_s": last.duration_s if last else None,
                     "message": last.message if last else None,
                     "next_run": rfc3339(nxt),
+                    "running": running,
                     "_started": last.started if last else None,
                     "_next": nxt,
                 }
@@ -260,10 +272,10 @@ def cmd_jobs(ctx: Context) -> int:
             if r["_next"] is None
             else dt.datetime.fromtimestamp(r["_next"]).strftime("%Y-%m-%d %H:%M")
         )
-        ctx.out(
-            f"{r['name']:16} {r['result'] or 'never':8} {_age(r['_started'], now):12} "
-            f"{dur:>9}  {when}"
-        )
+        result = r["result"] or "never"
+        if r["running"]:
+            result = "running"
+        ctx.out(f"{r['name']:16} {result:8} {_age(r['_started'], now):12} {dur:>9}  {when}")
     return EXIT_OK
 
 

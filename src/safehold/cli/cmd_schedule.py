@@ -13,6 +13,7 @@ from typing import Any
 from safehold.cli.common import Context
 from safehold.errors import EXIT_OK, UsageError
 from safehold.jobs.config import Config, load_config
+from safehold.jobs.schedule import local_zone
 from safehold.jobs.units import Changes, ScheduledJob, install, installed_jobs, remove
 
 
@@ -145,7 +146,8 @@ def cmd_install(ctx: Context) -> int:
             if stale not in scheduled:
                 notes.append(
                     f"job {stale} is installed but has no schedule in {cfg.path}: "
-                    f"remove it with 'safehold schedule remove {stale}'"
+                    f"remove it with 'safehold schedule remove {stale}"
+                    + (f" --dir {a.dir}'" if a.dir else "'")
                 )
     changes = install(
         jobs,
@@ -172,8 +174,8 @@ def cmd_show(ctx: Context) -> int:
     cfg = _config(ctx)
     if ctx.args.count < 1:
         raise UsageError("--count must be at least 1")
-    now = dt.datetime.now().astimezone()
-    tz = now.tzinfo
+    tz = local_zone()
+    now = dt.datetime.now(tz)
     rows: list[dict[str, Any]] = []
     for name in _selected(cfg, ctx.args.jobs):
         sched = cfg.jobs[name].schedule

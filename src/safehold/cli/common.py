@@ -9,7 +9,7 @@ import secrets
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from safehold.errors import (
 )
 from safehold.events import Event
 from safehold.ops.access import probe, read_password_file, run_password_command
+from safehold.ops.options import LIST_KINDS, Opt, convert
 from safehold.repository.cache import prepare_cache_root
 from safehold.repository.repo import Repository
 from safehold.units import parse_wait
@@ -257,6 +258,7 @@ def snapshot_row(s: Any) -> dict[str, Any]:
         "tags": s.tags,
         "parent": s.parent.hex() if s.parent else None,
         "tree": s.tree.hex(),
+        "original": s.original.hex() if s.original else None,
         "summary": s.summary,
     }
 
@@ -270,3 +272,32 @@ def event_printer(ctx: Context) -> Any:
                 print(f"warning: {ev.message}", file=sys.stderr, flush=True)
 
     return sink
+
+
+def add_option_arguments(p: argparse.ArgumentParser, opts: Sequence[Opt]) -> None:
+    """One argument per option of the table: its value stays None unless given (lists
+    collect every use, flags are true when given, other values are converted later)."""
+    for o in opts:
+        flags = [o.flag] + ([o.short] if o.short else [])
+        if o.kind in LIST_KINDS:
+            p.add_argument(
+                *flags, dest=o.name, action="append", default=None, metavar=o.metavar, help=o.help
+            )
+        elif o.kind == "bool":
+            p.add_argument(*flags, dest=o.name, action="store_true", default=None, help=o.help)
+        else:
+            p.add_argument(*flags, dest=o.name, default=None, metavar=o.metavar, help=o.help)
+
+
+def given_options(args: argparse.Namespace, opts: Sequence[Opt]) -> dict[str, Any]:
+    """The options given on the command line, by name, converted (UsageError naming the flag)."""
+    out: dict[str, Any] = {}
+    for o in opts:
+        value = getattr(args, o.name, None)
+        if value is None:
+            continue
+        try:
+            out[o.name] = convert(o, value)
+        except UsageError as e:
+            raise UsageError(f"{o.flag}: {e}") from None
+    return out

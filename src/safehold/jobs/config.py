@@ -155,6 +155,11 @@ def parse_interval(text: str) -> float:
     return sum(float(n) * _UNIT_S[u] for n, u in parts)
 
 
+def _looks_like_url(text: str) -> bool:
+    """A backend URL or an absolute path, not a bare name (a typo of a repository's name)."""
+    return "://" in text or text.startswith(("rclone:", "/", "~"))
+
+
 # -- line numbers ----------------------------------------------------------------------------
 
 _KEY = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
@@ -173,7 +178,15 @@ def locate_lines(text: str) -> dict[tuple[str, ...], int]:
     scan: good enough to point at the line of a problem."""
     where: dict[tuple[str, ...], int] = {}
     table: tuple[str, ...] = ()
+    open_quote = ""  # the delimiter of a multi-line string being read
     for n, line in enumerate(text.splitlines(), 1):
+        if open_quote:
+            if line.count(open_quote) % 2 == 1:
+                open_quote = ""
+            continue
+        for quote in ('"""', "'''"):
+            if line.count(quote) % 2 == 1:
+                open_quote = quote
         h = _HEADER.match(line)
         if h:
             table = _split_key(h.group(1))
@@ -194,7 +207,7 @@ def locate_lines(text: str) -> dict[tuple[str, ...], int]:
 
 def _q(value: Any) -> str:
     try:
-        return json.dumps(value)
+        return json.dumps(value, ensure_ascii=False)
     except TypeError:
         return repr(value)
 
@@ -241,15 +254,33 @@ class _Checker:
         self.error(path, f"{_q(value)} is not a table")
         return None
 
-    def interval(self, path: tuple[str, ...], value: Any) -> float | None:
+    def interval(
+        self, path: tuple[str, ...], value: Any, *, positive: bool = False
+    ) -> float | None:
         if not isinstance(value, str):
             self.error(path, f"{_q(value)} is not an interval (e.g. 36h, 7d, weekly)")
             return None
         try:
-            return parse_interval(value)
+            seconds = parse_interval(value)
         except UsageError as e:
             self.error(path, str(e))
             return None
+        if positive and seconds <= 0:
+            self.error(path, f"{_q(value)} must be longer than zero")
+            return None
+        return seconds
+
+    def abspath(self, path: tuple[str, ...], value: Any) -> str | None:
+        """A file name: ``~`` expanded; it must then be absolute (a relative one would depend
+        on the directory the job is started from: / under systemd)."""
+        s = self.string(path, value)
+        if s is None:
+            return None
+        full = os.path.expanduser(s)
+        if not os.path.isabs(full):
+            self.error(path, f"{_q(s)} is not an absolute path")
+            return None
+        return full
 
     def options(
         self, path: tuple[str, ...], given: Mapping[str, Any], table: tuple[oo.Opt, ...]
@@ -315,7 +346,10 @@ def _repository(c: _Checker, name: str, raw: Any) -> RepositoryConfig | None:
         c.error(path, "no password source: set password_file, password_command or password_env")
     pw = PasswordSource()
     for key in sources[:1]:
-        value = c.string((*path, key), t[key])
+        if key == "password_file":
+            value = c.abspath((*path, key), t[key])
+        else:
+            value = c.string((*path, key), t[key])
         if value is not None:
             setattr(pw, key.removeprefix("password_"), value)
     options: dict[str, str] = {}
@@ -384,7 +418,7 @@ def _job(c: _Checker, name: str, raw: Any, repos: Mapping[str, Any]) -> JobConfi
         for i, s in enumerate(job.sources):
             if not os.path.isabs(os.path.expanduser(s)):
                 c.error((*path, "sources"), f"{_q(s)} is not an absolute path (item {i + 1})")
-        if "sources" in t and not job.sources and isinstance(t["sources"], list):
+        if t["sources"] == []:
             c.error((*path, "sources"), "the list is empty")
     elif "command" in t:
         job.command = c.string((*path, "command"), t["command"])
@@ -400,6 +434,14 @@ def _job(c: _Checker, name: str, raw: Any, repos: Mapping[str, Any]) -> JobConfi
     elif job.command:
         job.stdin_filename = f"{name}.out"
     job.backup = c.options(path, backup_raw, oo.BACKUP_OPTS)
+    if "exclude_file" in job.backup:
+        files = (
+            [job.backup["exclude_file"]]
+            if isinstance(job.backup["exclude_file"], str)
+            else job.backup["exclude_file"]
+        )
+        expanded = [c.abspath((*path, "exclude_file"), f) for f in files]
+        job.backup["exclude_file"] = [f for f in expanded if f is not None]
     if "schedule" in t:
         value = t["schedule"]
         if not isinstance(value, str):
@@ -451,6 +493,18 @@ def _job(c: _Checker, name: str, raw: Any, repos: Mapping[str, Any]) -> JobConfi
     for key in ("copy_to", "mirror_to"):
         if key in t:
             setattr(job, key, c.strings((*path, key), t[key]))
+    for target in job.mirror_to:
+        if target in repos:
+            if target == job.repository:
+                c.error((*path, "mirror_to"), f"{_q(target)} is the job's own repository")
+        elif not _looks_like_url(target):
+            close = difflib.get_close_matches(target, list(repos), n=1)
+            hint = f'; did you mean "{close[0]}"?' if close else ""
+            c.error(
+                (*path, "mirror_to"),
+                f"{_q(target)} is neither a repository of this file nor a URL "
+                f"(rclone:REMOTE:PATH, s3://..., sftp://..., /absolute/path){hint}",
+            )
     for target in job.copy_to:
         if target not in repos:
             close = difflib.get_close_matches(target, list(repos), n=1)
@@ -474,7 +528,7 @@ def _job(c: _Checker, name: str, raw: Any, repos: Mapping[str, Any]) -> JobConfi
         job.notify_on = tuple(i for i in on if i in NOTIFY_ON)
     if "alert_if_no_success" in t:
         job.alert_if_no_success_s = c.interval(
-            (*path, "alert_if_no_success"), t["alert_if_no_success"]
+            (*path, "alert_if_no_success"), t["alert_if_no_success"], positive=True
         )
         if not job.notify:
             c.warn((*path, "alert_if_no_success"), "no notify targets to alert")
@@ -484,7 +538,7 @@ def _job(c: _Checker, name: str, raw: Any, repos: Mapping[str, Any]) -> JobConfi
             c.error((*path, "healthcheck"), f"{_q(url)} is not an http(s) URL")
         job.healthcheck = url
     if "timeout" in t:
-        job.timeout_s = c.interval((*path, "timeout"), t["timeout"])
+        job.timeout_s = c.interval((*path, "timeout"), t["timeout"], positive=True)
     if "description" in t:
         c.string((*path, "description"), t["description"])
     return job
@@ -525,9 +579,9 @@ def check_text(text: str, path: Path) -> tuple[Config, list[Problem]]:
         if key not in _SETTINGS_KEYS:
             c.unknown(("settings",), key, _SETTINGS_KEYS)
             continue
-        s = c.string(("settings", key), value)
+        s = c.abspath(("settings", key), value)
         if s is not None:
-            setattr(cfg, key, Path(os.path.expanduser(s)))
+            setattr(cfg, key, Path(s))
     c.problems.sort(key=lambda p: p.line or 0)  # stable: in file order, then as found
     cfg.problems = [p for p in c.problems if p.severity != "error"]
     return cfg, c.problems

@@ -22,6 +22,7 @@ from safehold.errors import UsageError
 from safehold.jobs.config import Config, JobConfig, load_config
 from safehold.jobs.history import History
 from safehold.jobs.runner import Outcome, Runner
+from safehold.jobs.schedule import local_zone
 
 TICK_S = 60.0
 
@@ -75,9 +76,7 @@ class Daemon:
         )
 
     def _tz(self) -> dt.tzinfo:
-        tz = dt.datetime.now().astimezone().tzinfo
-        assert tz is not None
-        return tz
+        return local_zone()
 
     def _plan(self, job: JobConfig, history: History, now: float) -> _Due | None:
         """When the job runs next: once now if a scheduled time passed since its last run (or

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS runs (
     repository_bytes INTEGER,
     duration_s REAL,
     log_path TEXT,
-    log_tail TEXT
+    log_tail TEXT,
+    skipped INTEGER NOT NULL DEFAULT 0  -- 1: the job was already running; nothing was done
 );
 CREATE INDEX IF NOT EXISTS runs_job ON runs (job, started);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -67,6 +68,9 @@ def state_dir(configured: Path | None = None) -> Path:
     else:
         path = Path(platformdirs.user_state_dir("safehold"))
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    if st.st_uid == os.getuid() and st.st_mode & 0o077:
+        os.chmod(path, 0o700)  # logs and history name paths and hosts: private
     return path
 
 
@@ -89,6 +93,7 @@ class Run:
     duration_s: float | None = None
     log_path: str | None = None
     log_tail: list[str] = field(default_factory=list)
+    skipped: bool = False
 
     def as_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -121,12 +126,14 @@ _FIELDS = [
     "duration_s",
     "log_path",
     "log_tail",
+    "skipped",
 ]
 
 
 def _run(row: tuple[Any, ...]) -> Run:
     d = dict(zip(_FIELDS, row, strict=True))
     d["log_tail"] = (d["log_tail"] or "").splitlines()
+    d["skipped"] = bool(d["skipped"])
     return Run(**d)
 
 
@@ -142,6 +149,9 @@ class History:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA busy_timeout=30000")
         self.db.executescript(_SCHEMA)
+        cols = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+        if "skipped" not in cols:  # a database of an earlier development version
+            self.db.execute("ALTER TABLE runs ADD COLUMN skipped INTEGER NOT NULL DEFAULT 0")
         with contextlib.suppress(OSError):
             os.chmod(self.path, 0o600)
 
@@ -184,10 +194,13 @@ class History:
         q += " ORDER BY started DESC, id DESC LIMIT ?"
         return [_run(r) for r in self.db.execute(q, (*args, limit))]
 
-    def last(self, job: str, *, finished: bool = True) -> Run | None:
+    def last(self, job: str, *, finished: bool = True, skipped: bool = False) -> Run | None:
+        """The job's latest run: by default finished and not a skipped overlap."""
         q = f"SELECT {', '.join(_FIELDS)} FROM runs WHERE job = ?"
         if finished:
             q += " AND result IS NOT NULL"
+        if not skipped:
+            q += " AND skipped = 0"
         row = self.db.execute(q + " ORDER BY started DESC, id DESC LIMIT 1", (job,)).fetchone()
         return None if row is None else _run(row)
 
@@ -195,6 +208,17 @@ class History:
         q = f"SELECT {', '.join(_FIELDS)} FROM runs WHERE job = ? AND result IN ('ok', 'warning')"
         row = self.db.execute(q + " ORDER BY started DESC LIMIT 1", (job,)).fetchone()
         return None if row is None else _run(row)
+
+    def close_unfinished(self, job: str, now: float) -> int:
+        """Mark the job's runs that never finished (killed, crashed, powered off) as failed.
+        Call only while holding the job's lock: no run of it is alive then."""
+        cur = self.db.execute(
+            "UPDATE runs SET result = 'failed', exit_code = 2, ended = COALESCE(ended, ?), "
+            "message = 'interrupted: the run ended without finishing (killed, crashed or "
+            "powered off)' WHERE job = ? AND result IS NULL",
+            (now, job),
+        )
+        return cur.rowcount
 
     def maintenance_done(self, job: str, kind: str) -> float | None:
         row = self.db.execute(
@@ -232,6 +256,15 @@ class JobLock:
         self.fd = fd
         return True
 
+    def running(self) -> bool:
+        """Whether a run of the job holds the lock now (a probe: takes and drops it)."""
+        if self.fd is not None:
+            return True
+        if not self.acquire():
+            return True
+        self.release()
+        return False
+
     def holder(self) -> str:
         try:
             return self.path.read_text().strip()
@@ -249,8 +282,9 @@ class RunLog:
     """One run's log file; keeps the last lines for the history and alerts."""
 
     def __init__(self, root: Path, job: str, started: float) -> None:
+        (root / "logs").mkdir(exist_ok=True, mode=0o700)
         d = root / "logs" / job
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        d.mkdir(exist_ok=True, mode=0o700)
         stamp = dt.datetime.fromtimestamp(started).strftime("%Y%m%d-%H%M%S")
         path = d / f"{stamp}.log"
         n = 1
@@ -261,10 +295,13 @@ class RunLog:
         self.file = open(path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
         os.chmod(path, 0o600)
         self.tail: list[str] = []
+        self.secrets: list[str] = []  # replaced by *** in every line written after they are known
         _rotate(d)
 
     def write(self, text: str) -> None:
         stamp = dt.datetime.now().strftime("%H:%M:%S")
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
         for line in text.splitlines() or [""]:
             self.file.write(f"{stamp} {line}\n")
             self.tail.append(line)

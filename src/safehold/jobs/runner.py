@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import re
 import signal
 import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +82,7 @@ class _Step:
         self.warnings: list[str] = []
         self.failure: str | None = None
         self.values: dict[str, Any] = {}
-        self.secrets: list[str] = []
+        self.secrets: list[str] = log.secrets  # the passwords read: never in logs or alerts
 
     def warn(self, text: str) -> None:
         self.warnings.append(text)
@@ -124,6 +126,7 @@ class Runner:
         self.say = say
         self.metrics_file = metrics_file or config.metrics_file
         self.host = host or socket.gethostname()
+        self._job_stop: threading.Event | None = None
 
     # -- the whole run --------------------------------------------------------------------
 
@@ -159,16 +162,25 @@ class Runner:
             msg = f"skipped: job {job.name} is already running (pid {lock.holder()})"
             rid = history.start(job.name, started, trigger, None)
             history.finish(
-                rid, ended=started, result="warning", exit_code=EXIT_WARNINGS, message=msg
+                rid,
+                ended=started,
+                result="warning",
+                exit_code=EXIT_WARNINGS,
+                message=msg,
+                skipped=1,
+                duration_s=0.0,
             )
             self.say(f"{job.name}: {msg}")
             out = Outcome(job.name, "warning", msg)
             self._alert(job, out, [], started, 0.0)
             return out
+        history.close_unfinished(job.name, started)  # we hold the lock: none of them is alive
         log = RunLog(self.state, job.name, started)
         rid = history.start(job.name, started, trigger, str(log.path))
         step = _Step(log)
+        step.secrets.extend(self._known_secrets(job))
         job_stop = threading.Event()
+        self._job_stop = job_stop
         done = threading.Event()
         timed_out = threading.Event()
 
@@ -194,10 +206,7 @@ class Runner:
         except _JobFailed:
             pass
         except Interrupted:
-            if timed_out.is_set():
-                step.fail(f"timed out after {job.timeout_s:.0f}s; stopped at a safe point")
-            else:
-                step.fail("stopped (SIGTERM or SIGINT) at a safe point")
+            step.fail("stopped at a safe point" + ("" if timed_out.is_set() else " (a signal)"))
         except SafeholdError as e:
             step.fail(str(e))
         except OSError as e:
@@ -207,8 +216,10 @@ class Runner:
             step.fail(f"internal error: {type(e).__name__}: {e}")
         finally:
             done.set()
-        if timed_out.is_set() and step.failure is None:
-            step.fail(f"timed out after {job.timeout_s:.0f}s")
+        if timed_out.is_set():
+            why = f"timed out after {job.timeout_s:g}s"
+            step.failure = f"{why}: {step.failure}" if step.failure else why
+            step.log.write(f"error: {why}")
         result = "failed" if step.failure else "warning" if step.warnings else "ok"
         # the after hooks see the result
         hooks = job.hooks.on_failure if result == "failed" else job.hooks.after
@@ -255,6 +266,31 @@ class Runner:
         self.write_metrics(history)
         return out
 
+    def _known_secrets(self, job: JobConfig) -> list[str]:
+        """What must never appear in the run's log, history or alerts, known before anything
+        runs: passwords in the URLs the job uses, and the passwords that can be read without
+        side effects (environment variables, files). A password command's output is added
+        when it is run."""
+        found: list[str] = []
+        names = [job.repository, *job.copy_to, *(t for t in job.mirror_to)]
+        for name in names:
+            rc = self.config.repositories.get(name)
+            if rc is None:  # a mirror URL
+                found += url_secrets(name)
+                continue
+            found += url_secrets(rc.url)
+            found += [v for k, v in rc.options.items() if _SECRET_NAME.search(k) and v]
+            pw: bytes | None = None
+            if rc.password.env:
+                pw = os.environ.get(rc.password.env, "").encode()
+            elif rc.password.file:
+                with contextlib.suppress(OSError), open(rc.password.file, "rb") as f:
+                    pw = f.read(4096).rstrip(b"\r\n")
+            if pw:
+                with contextlib.suppress(UnicodeDecodeError):
+                    found.append(pw.decode())
+        return [s for s in dict.fromkeys(found) if len(s) >= 4]
+
     def _say_for(self, job: JobConfig) -> Callable[[str], None]:
         return lambda text: self.say(f"{job.name}: {text}")
 
@@ -269,6 +305,10 @@ class Runner:
                 path = os.path.expanduser(src)
                 if not os.path.lexists(path):
                     step.fail(f"source {path} does not exist")
+                    raise _JobFailed
+                if not os.path.exists(path):  # a symlink to nothing: an unmounted disk?
+                    target = os.readlink(path)
+                    step.fail(f"source {path} is a symlink to {target}, which is missing")
                     raise _JobFailed
         rc = self.config.repositories[job.repository]
         repo = self._open(rc.name, step)
@@ -309,7 +349,7 @@ class Runner:
         rc = self.config.repositories[name]
 
         def password() -> bytes:
-            pw = rc.password.get()
+            pw = rc.password.get(timeout_s=PASSWORD_TIMEOUT_S, stop=self._job_stop)
             with contextlib.suppress(UnicodeDecodeError):
                 if len(pw) >= 4:
                     step.secrets.append(pw.decode())
@@ -481,12 +521,17 @@ class Runner:
             SAFEHOLD_REPOSITORY=job.repository,
         )
         step.log.write(f"{which} hook: {cmd}")
-        code, output = run_shell(cmd, env, stop=stop, timeout_s=HOOK_TIMEOUT_S)
+        # while the run is being stopped (SIGTERM), hooks get a short time: the service manager
+        # kills the daemon soon after
+        limit = STOPPING_HOOK_TIMEOUT_S if self.stop.is_set() else HOOK_TIMEOUT_S
+        code, output = run_shell(cmd, env, stop=stop, timeout_s=limit)
         for line in output.splitlines()[-50:]:
             step.log.write(f"  | {line}")
         if code == 0:
             return True
-        why = "timed out" if code is None else f"exited with status {code}"
+        why = "was stopped" if code is None else f"exited with status {code}"
+        if code is None and (stop is None or not stop.is_set()):
+            why = f"timed out after {limit:.0f}s"
         step.fail(f"the {which} hook {cmd!r} {why}")
         return False
 
@@ -538,6 +583,11 @@ class Runner:
                 if now - since < limit:
                     continue
                 overdue.append(name)
+                never = last_ok_ts is None
+                when = dt.datetime.fromtimestamp(since).strftime("%Y-%m-%d %H:%M")
+                what = "has never succeeded" if never else f"has not succeeded since {when}"
+                summary = f"job {name} {what} (limit {_hours(limit)})"
+                self.say(f"{name}: {summary}")
                 last_alert = history.last_alert(name)
 
                 def at(ts: float | None) -> dt.datetime | None:
@@ -552,23 +602,18 @@ class Runner:
                 )
                 if not due:
                     continue
-                never = last_ok_ts is None
-                when = dt.datetime.fromtimestamp(since).strftime("%Y-%m-%d %H:%M")
-                what = "has never succeeded" if never else f"has not succeeded since {when}"
-
                 last = history.last(name)
                 msg = notify.Message(
                     job=name,
                     host=self.host,
                     result="no-success",
-                    summary=f"job {name} {what} (limit {_hours(limit)})",
+                    summary=summary,
                     log_tail=last.log_tail if last else [],
                     log_path=last.log_path if last else None,
                     started=None,
                     duration_s=None,
                     extra={},
                 )
-                self.say(f"{name}: {msg.summary}")
                 if job.notify:
                     notify.send(job.notify, msg, log=self._say_for(job))
                 history.set_last_alert(name, now)
@@ -608,6 +653,9 @@ class Runner:
 
 
 HOOK_TIMEOUT_S = 6 * 3600.0
+PASSWORD_TIMEOUT_S = 120.0
+"""A password command that has not answered by then waits for a prompt nobody sees."""
+STOPPING_HOOK_TIMEOUT_S = 30.0
 
 
 def run_shell(
@@ -679,3 +727,21 @@ def _hours(seconds: float) -> str:
     if seconds % 3600 == 0:
         return f"{seconds / 3600:.0f}h"
     return f"{seconds / 60:.0f}m"
+
+
+_SECRET_NAME = re.compile(r"pass|pwd|secret|token|key|auth|credential", re.IGNORECASE)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secrets inside a repository or mirror URL: the password of ``scheme://user:pw@host``,
+    secret query values, and the secret parameters of an rclone connection string
+    (``rclone::s3,secret_access_key=...:bucket``)."""
+    found: list[str] = []
+    m = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/@?#]*)@", url)
+    if m and ":" in m.group(1):
+        pw = m.group(1).split(":", 1)[1]
+        found += [pw, urllib.parse.unquote(pw)]
+    for name, value in re.findall(r"[,?&;]([A-Za-z0-9_.-]+)=([^,:&;#]+)", url):
+        if _SECRET_NAME.search(name):
+            found += [value, urllib.parse.unquote(value).strip("'\"")]
+    return [s for s in found if s]

@@ -39,7 +39,9 @@ import calendar
 import datetime as dt
 import difflib
 import json
+import os
 import re
+import zoneinfo
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
@@ -665,3 +667,21 @@ def parse_delay(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise UsageError(f"{json.dumps(text)} is not a delay (expected e.g. 90s, 30m or 1h30m)")
     return value
+
+
+def local_zone() -> dt.tzinfo:
+    """The local time zone with its rules (DST included): ``$TZ`` if it names a zone, else
+    ``/etc/localtime``. (``datetime.now().astimezone().tzinfo`` is only today's fixed offset:
+    a time computed with it across a DST change is an hour off.)"""
+    name = os.environ.get("TZ", "").lstrip(":")
+    if name:
+        try:
+            return zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+            pass
+    try:
+        with open("/etc/localtime", "rb") as f:
+            return zoneinfo.ZoneInfo.from_file(f, key="localtime")
+    except (OSError, ValueError):
+        tz = dt.datetime.now().astimezone().tzinfo
+        return tz if tz is not None else dt.UTC

@@ -8,8 +8,12 @@ missing repository fails first) and opens it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +22,7 @@ from safehold.backends.base import Backend
 from safehold.backends.registry import open_backend
 from safehold.errors import (
     FormatError,
+    Interrupted,
     NotFound,
     RepositoryNotFound,
     UnsupportedVersion,
@@ -37,15 +42,40 @@ def read_password_file(path: str) -> bytes:
         raise UsageError(f"cannot read password file {path}: {e.strerror}") from None
 
 
-def run_password_command(cmd: str) -> bytes:
-    """A password command's standard output without its trailing newline."""
+def run_password_command(
+    cmd: str, *, timeout_s: float | None = None, stop: threading.Event | None = None
+) -> bytes:
+    """A password command's standard output without its trailing newline. It runs through
+    ``/bin/sh -c`` in a process group of its own; after ``timeout_s`` (a password manager
+    waiting for a prompt nobody sees), or when ``stop`` is set, the group is killed."""
     try:
-        proc = subprocess.run(cmd, shell=True, capture_output=True, check=False)
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", cmd],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
     except OSError as e:
         raise UsageError(f"password command failed: {e}") from None
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        try:
+            out, _ = proc.communicate(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        late = deadline is not None and time.monotonic() > deadline
+        if late or (stop is not None and stop.is_set()):
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            if late:
+                raise UsageError(f"password command timed out after {timeout_s:g}s")
+            raise Interrupted("stopped while the password command ran")
     if proc.returncode != 0:
         raise UsageError(f"password command exited with status {proc.returncode}")
-    return proc.stdout.rstrip(b"\r\n")
+    return out.rstrip(b"\r\n")
 
 
 @dataclass
@@ -60,9 +90,9 @@ class PasswordSource:
     def empty(self) -> bool:
         return not (self.command or self.file or self.env or self.value is not None)
 
-    def get(self) -> bytes:
+    def get(self, *, timeout_s: float | None = None, stop: threading.Event | None = None) -> bytes:
         if self.command:
-            return run_password_command(self.command)
+            return run_password_command(self.command, timeout_s=timeout_s, stop=stop)
         if self.file:
             return read_password_file(self.file)
         if self.env:

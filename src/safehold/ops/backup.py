@@ -43,6 +43,7 @@ from safehold.ops.source import (
     node_from_stat,
     open_file,
 )
+from safehold.ops.walk import run_nested
 from safehold.repository.index import MasterIndex
 from safehold.repository.locks import RepositoryLock
 from safehold.repository.repo import Repository, filter_snapshots
@@ -138,33 +139,6 @@ class _DirJob:
 _Walk = Generator[Any, Any, _DirJob]
 """A directory walk: it yields the walks of its subdirectories to :func:`_run` instead of
 calling them, and is sent their results; it returns its own job."""
-
-
-def _run(walk: _Walk) -> _DirJob:
-    """Run a walk with an explicit stack of walks: a tree's depth costs heap, never Python's
-    recursion limit (each walk resumes the one that yielded it, exactly as a call would)."""
-    stack = [walk]
-    value: Any = None
-    error: BaseException | None = None
-    while True:
-        top = stack[-1]
-        try:
-            sub = top.send(value) if error is None else top.throw(error)
-        except StopIteration as done:
-            stack.pop()
-            if not stack:
-                job: _DirJob = done.value
-                return job
-            value, error = done.value, None
-            continue
-        except BaseException as e:
-            stack.pop()
-            if not stack:
-                raise
-            value, error = None, e
-            continue
-        stack.append(sub)
-        value, error = None, None
 
 
 @dataclass(slots=True)
@@ -812,7 +786,7 @@ class _Archiver:
                     if not isinstance(nxt, dict):
                         break  # an ancestor is backed up whole already
                     cur = nxt
-        job = _run(self.walk_virtual(b"", root, self.parent_nodes(parent_tree)))
+        job = run_nested(self.walk_virtual(b"", root, self.parent_nodes(parent_tree)))
         self.drain(block=True)
         assert job.tree_id is not None
         return job.tree_id
@@ -892,6 +866,17 @@ class _Archiver:
 def _unusable_blobs(index: MasterIndex) -> set[bytes]:
     """Blobs whose known copies are all damaged (``in`` says no: a writer stores them again)."""
     return {b for _, b in index.damaged() if b not in index}
+
+
+def commit_snapshot(repo: Repository, snap: Snapshot, lock: RepositoryLock | None) -> None:
+    """Store a snapshot under a held lock (None: a dry run's or a test's own arrangement). It
+    is refused without a valid lease, and withdrawn if the lease lapsed while it was stored:
+    prune may have stopped waiting for the writer, so the snapshot must not stay."""
+    if lock is not None:
+        lock.check()
+    repo.save_snapshot(snap)
+    if lock is not None and not lock.held_until_now():
+        _withdraw(repo, snap)
 
 
 def _withdraw(repo: Repository, snap: Snapshot) -> None:
@@ -1267,13 +1252,7 @@ def _backup(
             program=f"safehold {__version__}",
             summary=summary,
         )
-        if lock is not None:
-            lock.check()  # refuse to commit without a valid lease
-        repo.save_snapshot(snap)
-        if lock is not None and not lock.held_until_now():
-            # the lease may have lapsed while the snapshot was stored: prune may have stopped
-            # waiting for this backup, so the snapshot must not stay
-            _withdraw(repo, snap)
+        commit_snapshot(repo, snap, lock)
         summary["snapshot"] = snap.id
     summary["parent"] = parent.id if parent else None
     return BackupResult(snap, summary, arch.warnings)

@@ -651,9 +651,23 @@ class _Check:
             res.cycle_complete = True
             cycle, done = cycle + 1, set()
         _save_state(opts.state_file, repo_id, cycle, done)
-        lost = self.judge_copies(bad, failed, verified, candidates)
+        lines: list[str] = []  # one per lost blob copy
+        lost = self.judge_copies(bad, failed, verified, candidates, lines.append)
+        users: list[str] = []  # one per snapshot file or tree that uses a lost blob
         if lost:
-            _name_damaged_files(repo, snapshots, lost, res, self.damage)
+            _name_damaged_files(repo, snapshots, lost, res, users.append)
+        # a blob lost for good that only repaired originals use is known and handled (their
+        # repaired copies do without it): a note, as the originals' files are
+        known = bool(users) and all(
+            u.startswith("snapshot ") and u[9:17] in self.known for u in users
+        )
+        for line in lines:
+            if known:
+                self.note(f"{line} (only repaired originals use it)")
+            else:
+                self.damage(line)
+        for u in users:
+            self.damage(u)
 
     def judge_copies(
         self,
@@ -661,9 +675,10 @@ class _Check:
         failed: set[str],
         verified: set[str],
         candidates: dict[str, int],
+        report: Callable[[str], None],
     ) -> set[bytes]:
-        """The blobs with no good copy; a bad copy of a blob that has a good one elsewhere is a
-        note (the next prune drops it), not data loss."""
+        """The blobs with no good copy (each ``report``-ed); a bad copy of a blob that has a
+        good one elsewhere is a note (the next prune drops it), not data loss."""
         index = self.repo.index
         lost: set[bytes] = set()
         for pid, blobs in sorted(bad.items()):
@@ -683,7 +698,7 @@ class _Check:
                     lost.add(b)
                     if pid not in failed:  # a pack that failed whole was named already
                         why = blobs[b] or "cannot be read"
-                        self.damage(f"pack {pid[:16]}: blob {b.hex()[:16]} is damaged: {why}")
+                        report(f"pack {pid[:16]}: blob {b.hex()[:16]} is damaged: {why}")
         return lost
 
     def run(self) -> CheckResult:

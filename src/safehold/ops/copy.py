@@ -36,12 +36,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safehold.compress import Compression
-from safehold.errors import IntegrityError, Interrupted, Locked, SafeholdError, UsageError
+from safehold.errors import IntegrityError, Interrupted, SafeholdError, UsageError
 from safehold.events import Event, EventSink, ignore_events
 from safehold.format.pack import PackEntry
 from safehold.format.snapshot import Snapshot
 from safehold.format.tree import Node, tree_from_bytes, tree_to_bytes
-from safehold.ids import BlobType, snapshot_name
+from safehold.ids import BlobType
+from safehold.ops.backup import commit_snapshot
+from safehold.ops.walk import run_nested
 from safehold.repository.locks import RepositoryLock, reader_lock
 from safehold.repository.repo import Repository, filter_snapshots
 from safehold.repository.writer import WriteSession
@@ -191,7 +193,9 @@ class _Copy:
         res = CopyResult(self.mode)
         # the target's snapshots, then its index as it is now that prune can see our lock
         have: dict[str, Snapshot] = {}
+        self.seen: set[str] = set()
         for s in dst.snapshots():
+            self.seen.add(s.id)
             have.setdefault(s.id, s)
             if s.original is not None:
                 have[s.original.hex()] = s
@@ -225,6 +229,8 @@ class _Copy:
         try:
             for n, snap in enumerate(todo):
                 self.check_stop()
+                if self._arrived(snap, have, res):
+                    continue
                 hint = None
                 prev = self._previous_copy(snap, have, by_key)
                 if prev is not None:
@@ -236,6 +242,8 @@ class _Copy:
                     self.events(Event("warning", f"snapshot {snap.id[:8]} not copied: {e}"))
                     continue
                 session.flush()
+                if self._arrived(snap, have, res):  # another copy committed it meanwhile
+                    continue
                 new = self._commit(snap, tree, have)
                 have[snap.id] = have[_key(snap)] = new
                 by_key.setdefault(_key(snap), snap)
@@ -277,6 +285,32 @@ class _Copy:
         if self.stop.is_set():
             raise Interrupted("interrupted: stopped cleanly, what was stored will be reused")
 
+    def _arrived(self, snap: Snapshot, have: dict[str, Snapshot], res: CopyResult) -> bool:
+        """Whether a copy of ``snap`` appeared in the target since it was listed (another copy
+        into the same repository): then it is skipped, not copied twice. The snapshots stored
+        since are read; the others were read already."""
+        for sid in sorted(set(self.dst.list_ids("snapshots/")) - self.seen):
+            self.seen.add(sid)
+            try:
+                s = self.dst.load_snapshot(sid)
+            except SafeholdError:
+                continue
+            have.setdefault(s.id, s)
+            if s.original is not None:
+                have.setdefault(s.original.hex(), s)
+        there = have.get(snap.id) or have.get(_key(snap))
+        if there is None:
+            return False
+        res.skipped.append((snap.id, there.id))
+        self.events(
+            Event(
+                "info",
+                f"snapshot {snap.id[:8]} was copied meanwhile (as {there.id[:8]})",
+                {"source": snap.id, "snapshot": there.id, "skipped": True},
+            )
+        )
+        return True
+
     def _previous_copy(
         self, snap: Snapshot, have: dict[str, Snapshot], by_key: dict[str, Snapshot]
     ) -> tuple[Snapshot, Snapshot] | None:
@@ -313,26 +347,8 @@ class _Copy:
             summary=dict(snap.summary),
             original=bytes.fromhex(_key(snap)),
         )
-        self.lock.check()  # refuse to commit without a valid lease
-        self.dst.save_snapshot(new)
-        if not self.lock.held_until_now():
-            _withdraw(self.dst, new)
+        commit_snapshot(self.dst, new, self.lock)
         return new
-
-
-def _withdraw(repo: Repository, snap: Snapshot) -> None:
-    """The lease may have lapsed while the snapshot was stored: take it back (as backup does)."""
-    try:
-        repo.backend.delete(snapshot_name(snap.id))
-    except SafeholdError as e:
-        raise Locked(
-            f"lost the repository lock while storing snapshot {snap.id[:8]}, and could not "
-            f"withdraw it ({e}): run 'safehold check' before relying on it"
-        ) from None
-    raise Locked(
-        f"lost the repository lock while storing snapshot {snap.id[:8]}; it was withdrawn, and "
-        "what was stored is reused by the next run"
-    )
 
 
 # --- by id ---------------------------------------------------------------------------------------
@@ -423,33 +439,6 @@ class _ById:
 _Walk = Generator[Any, Any, bytes]
 
 
-def _run(walk: _Walk) -> bytes:
-    """Run a walk with an explicit stack (depth costs heap, never recursion): a walk yields the
-    walk of a subtree and is sent its result."""
-    stack = [walk]
-    value: Any = None
-    error: BaseException | None = None
-    while True:
-        top = stack[-1]
-        try:
-            sub = top.send(value) if error is None else top.throw(error)
-        except StopIteration as done:
-            stack.pop()
-            if not stack:
-                result: bytes = done.value
-                return result
-            value, error = done.value, None
-            continue
-        except BaseException as e:
-            stack.pop()
-            if not stack:
-                raise
-            value, error = None, e
-            continue
-        stack.append(sub)
-        value, error = None, None
-
-
 class _BlobStream:
     """A file's content read from the source blob by blob (one blob in memory at a time)."""
 
@@ -500,7 +489,7 @@ class _Rewriter:
         self.active: set[bytes] = set()
 
     def copy(self, root: bytes, hint: tuple[bytes, bytes] | None = None) -> bytes:
-        return _run(self._tree(root, hint))
+        return run_nested(self._tree(root, hint))
 
     def _remember(self, memo: collections.OrderedDict[Any, Any], key: Any, value: Any) -> None:
         memo[key] = value

@@ -11,7 +11,10 @@ then index objects and prune plans, then key files and the config, and snapshots
 snapshot never arrives before the data it refers to. With ``delete``, objects the source no
 longer has are deleted at the target only after everything else is copied (snapshots first,
 packs after the index objects that list them), and only if nothing failed; without it nothing
-is ever deleted. Locks and temporaries are never mirrored.
+is ever deleted. Locks and temporaries are never mirrored. A pack the source lacks but its
+index still lists (given as ``keep``) was lost, not pruned, and is never deleted. An object at
+the target whose content does not match its name (damaged there) is replaced when its size
+differs, or with ``verify`` in any case.
 
 The source is read under a reader lock (a prune of the source waits for the mirror); the target
 is written under an exclusive lock with ``op`` "mirror", so that two mirrors never interleave.
@@ -19,7 +22,9 @@ is written under an exclusive lock with ``op`` "mirror", so that two mirrors nev
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +53,11 @@ DELETE_ORDER: tuple[str, ...] = ("snapshots/", "data/", "index/", "plans/", "key
 class MirrorOptions:
     delete: bool = False  # delete at the target what the source no longer has
     workers: int = 4  # objects copied at once (0 or 1: one at a time)
+    keep: Callable[[str], bool] | None = None
+    """With ``delete``: names never to delete although the source lacks them (the packs the
+    source's index still lists: one missing from the source was lost, not pruned, and the
+    mirror's copy may be the only one left)."""
+    verify: bool = False  # read back the objects already at the target; replace damaged ones
 
 
 @dataclass
@@ -58,6 +68,8 @@ class MirrorResult:
     bytes_skipped: int = 0
     deleted: int = 0
     bytes_deleted: int = 0
+    repaired: int = 0  # objects at the target whose content did not match: replaced
+    kept: list[str] = field(default_factory=list)  # not deleted: still listed by the source
     failed: dict[str, str] = field(default_factory=dict)  # name -> why (nothing else is wrong)
     ignored: list[str] = field(default_factory=list)  # source names that are not objects
 
@@ -69,6 +81,8 @@ class MirrorResult:
             "bytes_skipped": self.bytes_skipped,
             "deleted": self.deleted,
             "bytes_deleted": self.bytes_deleted,
+            "repaired": self.repaired,
+            "kept": self.kept,
             "failed": [{"name": n, "error": why} for n, why in sorted(self.failed.items())],
             "ignored": self.ignored,
         }
@@ -86,6 +100,14 @@ def mirrored_name(name: str) -> bool:
     if parts[0] == "data":
         return len(parts) == 3 and parts[1] == oid[:2]
     return len(parts) == 2 and parts[0] in ("keys", "index", "plans", "snapshots")
+
+
+def _nested(a: str, b: str) -> bool:
+    """Whether two local locations lie one inside the other."""
+    if not (os.path.isabs(a) and os.path.isabs(b)):
+        return False
+    ra, rb = os.path.realpath(a), os.path.realpath(b)
+    return ra == rb or rb.startswith(ra.rstrip("/") + "/") or ra.startswith(rb.rstrip("/") + "/")
 
 
 def _listing(backend: Backend, prefix: str) -> dict[str, int]:
@@ -119,6 +141,11 @@ def mirror(
         raise UsageError(f"there is no repository at {src.location}") from None
     if src.location == dst.location:
         raise UsageError("the mirror's target is the repository itself")
+    if _nested(src.location, dst.location):
+        raise UsageError(
+            f"the mirror's target {dst.location} and the repository {src.location} lie one "
+            "inside the other: choose a target outside the repository"
+        )
     try:
         dst_config: bytes | None = dst.load(CONFIG_NAME)
     except NotFound:
@@ -185,7 +212,9 @@ class _Mirror:
                             res.ignored.append(name)
                         continue
                     wanted.add(name)
-                    if there.get(name) == size:
+                    if there.get(name) == size and not (
+                        self.opts.verify and self._damaged_at_target(name)
+                    ):
                         res.skipped += 1
                         res.bytes_skipped += size
                     else:
@@ -250,11 +279,17 @@ class _Mirror:
         if name != CONFIG_NAME and storage_id(data) != name_to_id(name):
             self._fail(name, "its content does not match its name in the source (damaged)")
             return
+        repaired = False
         try:
             self.dst.store(name, data)
         except AlreadyExists:
-            self._fail(name, "the target holds other content under this name; left as it is")
-            return
+            if name == CONFIG_NAME:
+                self._fail(name, "the target holds another config; left as it is")
+                return
+            # the name is the hash of the content, and the source's content was verified
+            # against it: what the target holds under it is damaged, and is replaced
+            self.dst.store(name, data, overwrite=True)
+            repaired = True
         got = self.dst.stat(name).size
         if got != len(data):
             self._fail(name, f"the target holds {got} bytes after storing {len(data)}")
@@ -262,7 +297,18 @@ class _Mirror:
         with self.lock:
             self.res.copied += 1
             self.res.bytes_copied += len(data)
-        self.events(Event("info", f"copied {name}", {"name": name, "size": len(data)}))
+            self.res.repaired += repaired
+        what = "replaced the damaged copy of" if repaired else "copied"
+        self.events(Event("info", f"{what} {name}", {"name": name, "size": len(data)}))
+
+    def _damaged_at_target(self, name: str) -> bool:
+        """Whether the target's object fails its check (content-addressed names only)."""
+        if name == CONFIG_NAME:
+            return False
+        try:
+            return storage_id(self.dst.load(name)) != name_to_id(name)
+        except NotFound:
+            return True
 
     def _delete_extra(self, wanted: set[str]) -> None:
         for prefix in DELETE_ORDER:
@@ -276,6 +322,16 @@ class _Mirror:
                     continue
                 except NotFound:
                     pass
+                if self.opts.keep is not None and self.opts.keep(name):
+                    self.res.kept.append(name)
+                    self.events(
+                        Event(
+                            "warning",
+                            f"{name} is missing from the repository but its index still lists "
+                            "it (lost, not pruned: run check): the mirror's copy is kept",
+                        )
+                    )
+                    continue
                 try:
                     self.dst.delete(name)
                 except NotFound:

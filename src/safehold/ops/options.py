@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from safehold.compress import Compression, CompressionRules
 from safehold.errors import UsageError
 from safehold.ops.backup import BackupOptions
 from safehold.ops.check import CheckOptions, Subset
@@ -20,7 +21,11 @@ from safehold.ops.prune import PruneOptions, parse_max_unused
 from safehold.policy import Policy
 from safehold.units import parse_duration, parse_size
 
-KINDS = ("bool", "int", "str", "list", "size", "duration", "subset", "percent", "minutes")
+KINDS = (
+    "bool", "int", "str", "list", "size", "duration", "subset", "percent", "minutes",
+    "compression", "compression_for",
+)  # fmt: skip
+LIST_KINDS = ("list", "compression_for")
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,15 @@ BACKUP_OPTS: tuple[Opt, ...] = (
     Opt("tag", "list", "tag the snapshot with TAG", "TAG"),
     Opt("host", "str", "record HOST as the snapshot's host", "HOST"),
     Opt("parent", "str", "compare with snapshot SNAP instead of the latest", "SNAP"),
-    Opt("compression", "str", "auto, zstd[,LEVEL] or none (default: the repository's)", "SPEC"),
-    Opt("compression_for", "list", "compression for files matching GLOB", "GLOB=SETTING"),
+    Opt(
+        "compression",
+        "compression",
+        "auto, zstd[,LEVEL] or none (default: the repository's)",
+        "SPEC",
+    ),
+    Opt(
+        "compression_for", "compression_for", "compression for files matching GLOB", "GLOB=SETTING"
+    ),
     Opt(
         "keep_deleted",
         "list",
@@ -109,11 +121,18 @@ def convert(opt: Opt, value: Any) -> Any:
         if not isinstance(value, str):
             raise UsageError(f"{value!r} is not a string")
         return value
-    if k == "list":
+    if k in LIST_KINDS:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise UsageError(f"{value!r} is not a list of strings")
+        if k == "compression_for":
+            CompressionRules.parse("auto", list(items))
         return list(items)
+    if k == "compression":
+        if not isinstance(value, str):
+            raise UsageError(f"{value!r} is not a compression setting")
+        Compression.parse(value)
+        return value
     if k == "size":
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value

@@ -20,8 +20,9 @@ tree first (:func:`tree_totals`, reading each distinct tree once), before it yie
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from safehold.errors import FormatError, IntegrityError, SafeholdError
 from safehold.format.snapshot import Snapshot
@@ -324,3 +325,34 @@ def snapshot_totals(
     return tree_totals(
         repo, snapshot.tree, limit=entry_limit(snapshot), memo=memo, on_error=on_error
     )
+
+
+T = TypeVar("T")
+
+
+def run_nested(walk: Generator[Any, Any, T]) -> T:
+    """Run a recursive walk with an explicit stack: a walk yields the walk of a subtree, is sent
+    that walk's result (or has its exception thrown in), and returns its own result. A tree's
+    depth then costs heap, never Python's recursion limit."""
+    stack: list[Generator[Any, Any, Any]] = [walk]
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        top = stack[-1]
+        try:
+            sub = top.send(value) if error is None else top.throw(error)
+        except StopIteration as done:
+            stack.pop()
+            if not stack:
+                result: T = done.value
+                return result
+            value, error = done.value, None
+            continue
+        except BaseException as e:
+            stack.pop()
+            if not stack:
+                raise
+            value, error = None, e
+            continue
+        stack.append(sub)
+        value, error = None, None
