@@ -14,9 +14,13 @@ from safehold.repository.locks import LEASE_SECONDS
 from safehold.repository.repo import Repository
 
 
-def test_lost_lease_commits_no_snapshot_and_keeps_the_uploads(
+def test_lost_lease_commits_no_snapshot_and_indexes_nothing(
     repo: Repository, tmp_path: Path
 ) -> None:
+    """Without a lease nothing is indexed either: a prune that saw the lock expire may be
+    deleting the packs (unused until now), and an index entry of a deleted pack would let a
+    later backup deduplicate against nothing (the schedule explorer found it: seed 369). The
+    packs stored are left for prune; the next run stores the data again."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(os.urandom(300_000))
@@ -27,11 +31,12 @@ def test_lost_lease_commits_no_snapshot_and_keeps_the_uploads(
         with pytest.raises(Locked, match="lost the repository lock"):
             backup(repo, BackupOptions(paths=[str(src)]), lock=lock)
         assert repo.snapshots() == []
-        assert repo.reload_index().blob_count() > 0  # the data is indexed, reused next time
+        assert repo.reload_index().blob_count() == 0
+        assert list(repo.backend.list("index/")) == []
         lock.refreshed_wall, lock.refreshed_elapsed = lock.clock.time(), lock.clock.elapsed()
         result = backup(repo, BackupOptions(paths=[str(src)]), lock=lock)
         assert result.snapshot is not None
-        assert result.summary["data_added"] < 1000  # nothing uploaded again but the trees
+        assert result.summary["data_added"] >= 300_000  # stored again
     finally:
         lock.release()
 

@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from safehold.errors import Interrupted
+from safehold.events import Event
+from safehold.ops.backup import BackupOptions, backup
+from safehold.ops.check import CheckOptions, check
+from safehold.repository.repo import Repository
 from tests.jobs.jobenv import JobEnv, repo_block
 from tests.support.treecmp import compare_trees
 
@@ -329,3 +335,23 @@ def test_a_dangling_symlink_source_fails(env: JobEnv, tmp_path: Path) -> None:
     r = env("run")
     assert r.code == 2 and "which is missing" in r.err, str(r)
     assert env.snapshots(str(repo)) == []
+
+
+def test_check_read_data_stops_between_packs(repo: Repository, tmp_path: Path) -> None:
+    """A job's timeout or SIGTERM reaches a long check: it stops after the pack it reads."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(12 << 20))
+    backup(repo, BackupOptions(paths=[str(src)]))
+    stop = threading.Event()
+    read: list[int] = []
+
+    def events(ev: Event) -> None:
+        if ev.kind == "progress" and "packs_done" in ev.data:
+            read.append(ev.data["packs_done"])
+            stop.set()
+
+    with pytest.raises(Interrupted):
+        check(repo, CheckOptions(read_data=True, workers=1), events=events, stop=stop)
+    assert read == [1], read
+    assert check(repo, CheckOptions(read_data=True)).ok

@@ -145,6 +145,7 @@ class Task:
     result: Any = None
     crash_at: int | None = None  # crash at this many scheduling points
     points: int = 0
+    stores: int = 0
 
 
 @dataclass
@@ -206,6 +207,10 @@ class Sim:
             self.at_point.discard(task)
         t.points += 1
         self.trace.append(f"{task}:{op}:{name[:12]}")
+        if op == "store" and self.suspend_point is not None and self.suspend_point[0] == task:
+            t.stores += 1
+            if t.stores == self.suspend_point[1]:
+                self._suspend(task)  # right after this store, from its next point on
         if t.crash_at is not None and t.points >= t.crash_at:
             t.crashed = True
             self.timers.pop(task, None)
@@ -300,7 +305,8 @@ class Sim:
             assert t.thread is not None
             t.thread.join(30)
 
-    suspend_at: tuple[str, int] | None = None
+    suspend_at: tuple[str, int] | None = None  # (task, at this scheduler step)
+    suspend_point: tuple[str, int] | None = None  # (task, after its own n-th store)
 
     def _suspend(self, task: str) -> None:
         """``task`` sleeps through more than a lease (a laptop's lid closed) while the others
@@ -311,6 +317,11 @@ class Sim:
         t.suspended = True
         length = LEASE_SECONDS + self.rng.choice([30.0, 300.0, DEFAULT_GRACE_S + 100])
         self.asleep[task] = self.clock.boot + length
+        late = self.tasks.get("prune-late")
+        if late is not None and not late.done:
+            # the adversary's prune: it runs while the sleeper's lease has lapsed, before the
+            # sleeper wakes up to commit
+            self.asleep["prune-late"] = self.asleep[task] - 1.0
         self.clock.suspended[task] = self.clock.suspended.get(task, 0.0) + length
         self.trace.append(f"-- {task} suspended {length:.0f}s")
 
@@ -472,14 +483,28 @@ def _run_schedule(seed: int, world: World, inject: str, consistent: bool) -> Out
         sim.add("backup2", _backup_task(world, rng.choice(["b2", "b2", "b1"])))
     if rng.random() < 0.5:
         sim.add("copy", _copy_task(world))
+    # who is suspended past its lease, if anyone: a copy makes few calls, so it is suspended
+    # right after one of its stores (packs, index objects, lock refreshes) rather than at a step
+    victim: str | None = None
+    if "copy" in sim.tasks and rng.random() < 0.4:
+        victim = "copy"
+    elif rng.random() < 0.35:
+        victim = rng.choice(sorted(n for n in sim.tasks if n.startswith("backup")))
+    if rng.random() < (0.7 if victim else 0.2):
+        # a prune that waits: it runs an hour later (usually after the others), or while the
+        # suspended client sleeps past its lease, before it wakes up
+        sim.add("prune-late", _prune_task(2, 0.0))
+        sim.asleep["prune-late"] = sim.clock.boot + 3600.0
     names = sorted(sim.tasks)
     shape = [f"tasks={','.join(names)}", f"lag={sim.lag:g}"]
     if rng.random() < 0.2:
-        victim = rng.choice(names)
-        sim.tasks[victim].crash_at = rng.randint(1, 40)
-        shape.append(f"crash={victim}@{sim.tasks[victim].crash_at}")
-    if rng.random() < 0.35:
-        victim = rng.choice([n for n in names if n.startswith(("backup", "copy"))])
+        crashed = rng.choice(names)
+        sim.tasks[crashed].crash_at = rng.randint(1, 40)
+        shape.append(f"crash={crashed}@{sim.tasks[crashed].crash_at}")
+    if victim == "copy":
+        sim.suspend_point = (victim, rng.randint(1, 8))
+        shape.append(f"suspend={victim}@store{sim.suspend_point[1]}")
+    elif victim is not None:
         sim.suspend_at = (victim, rng.randint(2, 80))
         shape.append(f"suspend={victim}@{sim.suspend_at[1]}")
     out = Outcome(seed, True, shape=" ".join(shape))

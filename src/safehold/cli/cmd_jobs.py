@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from safehold.cli.common import Context, cache_dir
-from safehold.errors import EXIT_ERROR, EXIT_OK, EXIT_WARNINGS, UsageError
+from safehold.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_WARNINGS, UsageError
 from safehold.jobs.config import check_config, load_config
 from safehold.jobs.history import History, JobLock, rfc3339, state_dir
 from safehold.jobs.schedule import local_zone
@@ -145,6 +145,7 @@ def cmd_run(ctx: Context) -> int:
         )
     if stop.is_set():
         ctx.note("interrupted")
+        return EXIT_INTERRUPTED
     return max((o.exit_code for o in outcomes), default=EXIT_OK)
 
 
@@ -282,11 +283,13 @@ def cmd_jobs(ctx: Context) -> int:
 def cmd_jobs_history(ctx: Context) -> int:
     a = ctx.args
     cfg = load_config(_config_path(ctx))
-    if a.job not in cfg.jobs:
-        raise UsageError(f"no job named {a.job!r} in {cfg.path}")
+    if not 1 <= a.limit <= 1_000_000:
+        raise UsageError("--limit must be between 1 and 1000000")
     history = History(_state(cfg.state_dir))
     try:
-        runs = history.runs(a.job, limit=max(1, a.limit))
+        runs = history.runs(a.job, limit=a.limit)
+        if not runs and a.job not in cfg.jobs:
+            raise UsageError(f"no job named {a.job!r} in {cfg.path}, and no runs of one")
     finally:
         history.close()
     if ctx.json:

@@ -17,6 +17,7 @@ from safehold.cli.common import (
     new_password,
     open_repo,
     repo_url,
+    stop_on_signals,
 )
 from safehold.compress import Compression
 from safehold.errors import EXIT_DAMAGE, EXIT_OK, EXIT_WARNINGS, UsageError
@@ -180,11 +181,15 @@ def cmd_check(ctx: Context) -> int:
                 if cache is not None
                 else None
             )
-            res = check(
-                repo,
-                CheckOptions(read_data=a.read_data, subset=a.read_data_subset, state_file=state),
-                events=sink,
-            )
+            with stop_on_signals() as stop:
+                res = check(
+                    repo,
+                    CheckOptions(
+                        read_data=a.read_data, subset=a.read_data_subset, state_file=state
+                    ),
+                    events=sink,
+                    stop=stop,
+                )
         finally:
             if lock is not None:
                 lock.release()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 import traceback
 
@@ -120,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("safehold: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except sqlite3.Error as e:  # the jobs' run history (state directory)
+        if args.debug:
+            traceback.print_exc()
+        print(f"safehold: the run history cannot be used: {e}", file=sys.stderr)
+        return EXIT_ERROR
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR

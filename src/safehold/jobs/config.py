@@ -483,6 +483,8 @@ def _job(c: _Checker, name: str, raw: Any, repos: Mapping[str, Any]) -> JobConfi
         )
     if "check" in t:
         job.check = _cadence(c, (*path, "check"), t["check"], oo.CHECK_OPTS)
+        if job.check is not None and {"read_data", "read_data_subset"} <= set(job.check.options):
+            c.error((*path, "check"), "give read_data or read_data_subset, not both")
     if "hooks" in t:
         h = c.table((*path, "hooks"), t["hooks"])
         for key, value in (h or {}).items():
@@ -534,8 +536,14 @@ def _job(c: _Checker, name: str, raw: Any, repos: Mapping[str, Any]) -> JobConfi
             c.warn((*path, "alert_if_no_success"), "no notify targets to alert")
     if "healthcheck" in t:
         url = c.string((*path, "healthcheck"), t["healthcheck"])
-        if url is not None and not re.match(r"^https?://", url):
+        m = re.match(r"^https?://([^/?#]*)", url or "")
+        if url is not None and (m is None or not m.group(1)):
             c.error((*path, "healthcheck"), f"{_q(url)} is not an http(s) URL")
+        elif url is not None and m is not None and "@" in m.group(1):
+            c.error(
+                (*path, "healthcheck"),
+                "a user or password in the URL is not sent: put the token in the path",
+            )
         job.healthcheck = url
     if "timeout" in t:
         job.timeout_s = c.interval((*path, "timeout"), t["timeout"], positive=True)
@@ -547,6 +555,7 @@ def _job(c: _Checker, name: str, raw: Any, repos: Mapping[str, Any]) -> JobConfi
 def check_text(text: str, path: Path) -> tuple[Config, list[Problem]]:
     """Parse and validate; the config holds what is valid, the problems say what is not."""
     cfg = Config(path=path)
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -587,8 +596,8 @@ def check_text(text: str, path: Path) -> tuple[Config, list[Problem]]:
     return cfg, c.problems
 
 
-def check_config(path: Path | None = None) -> tuple[Config, list[Problem]]:
-    path = path or default_config_path()
+def check_config(path: Path | str | None = None) -> tuple[Config, list[Problem]]:
+    path = Path(path) if path is not None else default_config_path()
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -598,7 +607,7 @@ def check_config(path: Path | None = None) -> tuple[Config, list[Problem]]:
     return check_text(text, path)
 
 
-def load_config(path: Path | None = None) -> Config:
+def load_config(path: Path | str | None = None) -> Config:
     """The jobs file, validated: raises ConfigError naming the problems when it has errors."""
     cfg, problems = check_config(path)
     if any(p.severity == "error" for p in problems):

@@ -38,8 +38,8 @@ class _Due:
 class Daemon:
     def __init__(
         self,
-        config_path: Path | None,
-        state: Path,
+        config_path: Path | str | None,
+        state: Path | str,
         *,
         cache_dir: Path | None = None,
         clock: Callable[[], float] = time.time,
@@ -50,8 +50,8 @@ class Daemon:
         tick_s: float = TICK_S,
         rng: random.Random | None = None,
     ) -> None:
-        self.config_path = config_path
-        self.state = state
+        self.config_path = Path(config_path) if config_path is not None else None
+        self.state = Path(state)
         self.cache_dir = cache_dir
         self.clock = clock
         self.stop = stop or threading.Event()
@@ -121,37 +121,67 @@ class Daemon:
         return {name: d.at for name, d in self._next.items()}
 
     def run(self, *, max_runs: int | None = None) -> list[Outcome]:
-        """Run until ``stop`` is set (or ``max_runs`` jobs ran: for tests)."""
+        """Run until ``stop`` is set (or ``max_runs`` jobs ran: for tests). Each due job runs in
+        a thread of its own, so a job that hangs delays neither the others nor the dead man's
+        switch; a job never runs twice at once. A failure of the daemon's own state (the
+        history database locked or its disk full) is reported and tried again next tick."""
         self._replan()
         scheduled = sum(1 for j in self.config.jobs.values() if j.schedule is not None)
         self.say(f"daemon started: {scheduled} scheduled jobs of {len(self.config.jobs)}")
         for name, d in sorted(self._next.items(), key=lambda kv: kv[1].at):
             when = dt.datetime.fromtimestamp(d.at).strftime("%Y-%m-%d %H:%M")
             self.say(f"{name}: {'catching up now' if d.catch_up else 'next run ' + when}")
-        while not self.stop.is_set():
-            if self.reload.is_set():
-                self._reload()
-            self.runner().check_overdue()
-            now = self.clock()
-            due = sorted((d for d in self._next.values() if d.at <= now), key=lambda d: d.at)
-            if due:
-                d = due[0]
-                job = self.config.jobs[d.job]
-                trigger = "catch-up" if d.catch_up else "schedule"
+        running: dict[str, threading.Thread] = {}
+        done = threading.Event()  # set whenever a job's run ends
+        lock = threading.Lock()
+
+        def run_one(job: JobConfig, trigger: str) -> None:
+            try:
                 out = self.runner().run_job(job, trigger=trigger)
-                self.outcomes.append(out)
-                if self.stop.is_set():
-                    break
-                nxt = self._plan_after(job, self.clock())
-                if nxt is not None:
-                    self._next[job.name] = nxt
+                with lock:
+                    self.outcomes.append(out)
+            except Exception as e:  # the history unusable, a bug: said, and tried next time
+                self.say(f"{job.name}: could not run: {type(e).__name__}: {e}")
+            finally:
+                done.set()
+
+        while not self.stop.is_set():
+            try:
+                if self.reload.is_set():
+                    self._reload()
+                self.runner().check_overdue(quiet=True)
+            except Exception as e:
+                self.say(f"daemon: {type(e).__name__}: {e} (trying again in {self.tick_s:g}s)")
+            for name in [n for n, t in running.items() if not t.is_alive()]:
+                del running[name]
+                job = self.config.jobs.get(name)
+                if job is not None:
+                    nxt = self._plan_after(job, self.clock())
+                    if nxt is not None:
+                        self._next[name] = nxt
+            with lock:
                 if max_runs is not None and len(self.outcomes) >= max_runs:
                     break
-                continue
+            now = self.clock()
+            for d in sorted(self._next.values(), key=lambda d: d.at):
+                if d.at > now or d.job in running or d.job not in self.config.jobs:
+                    continue
+                trigger = "catch-up" if d.catch_up else "schedule"
+                t = threading.Thread(
+                    target=run_one,
+                    args=(self.config.jobs[d.job], trigger),
+                    name=f"safehold-job-{d.job}",
+                )
+                running[d.job] = t
+                t.start()
+            pending = [d.at for d in self._next.values() if d.job not in running]
             wait = self.tick_s
-            if self._next:
-                wait = min(wait, max(0.0, min(d.at for d in self._next.values()) - now))
-            self._wait(wait)
+            if pending:
+                wait = min(wait, max(0.0, min(pending) - now))
+            done.clear()
+            self._wait(wait, done)
+        for t in running.values():  # stopped: each stops at a safe point
+            t.join()
         self.say("daemon stopped")
         return self.outcomes
 
@@ -164,11 +194,11 @@ class Daemon:
         delay = self.rng.uniform(0, job.random_delay_s) if job.random_delay_s else 0.0
         return _Due(job.name, nxt + delay, nxt, False)
 
-    def _wait(self, seconds: float) -> None:
-        """Sleep up to ``seconds``, waking at once on stop or reload."""
+    def _wait(self, seconds: float, woken: threading.Event) -> None:
+        """Sleep up to ``seconds``, waking at once on stop, reload or a job's end."""
         end = time.monotonic() + seconds
-        while not self.stop.is_set() and not self.reload.is_set():
+        while not (self.stop.is_set() or self.reload.is_set() or woken.is_set()):
             left = end - time.monotonic()
             if left <= 0:
                 return
-            self.stop.wait(min(left, 0.5))
+            woken.wait(min(left, 0.2))

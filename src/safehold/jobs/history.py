@@ -20,6 +20,13 @@ from typing import Any
 
 import platformdirs
 
+from safehold.errors import SafeholdError
+
+
+class StateError(SafeholdError):
+    """The state directory (history, locks, logs) cannot be used."""
+
+
 LOGS_KEPT = 30
 LOG_TAIL_LINES = 30
 
@@ -141,17 +148,24 @@ class History:
     """The run history of one state directory. Each call opens its own short transaction;
     several processes (daemon, ``run``, ``jobs``) share the database safely."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path | str) -> None:
+        root = Path(root)
         self.root = root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = root / "history.sqlite"
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA busy_timeout=30000")
-        self.db.executescript(_SCHEMA)
-        cols = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
-        if "skipped" not in cols:  # a database of an earlier development version
-            self.db.execute("ALTER TABLE runs ADD COLUMN skipped INTEGER NOT NULL DEFAULT 0")
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA busy_timeout=30000")
+            self.db.executescript(_SCHEMA)
+            cols = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+            if "skipped" not in cols:  # a database of an earlier development version
+                self.db.execute("ALTER TABLE runs ADD COLUMN skipped INTEGER NOT NULL DEFAULT 0")
+        except sqlite3.Error as e:
+            raise StateError(
+                f"the run history {self.path} cannot be used: {e} (if it is damaged, move it "
+                "away: a new one is started)"
+            ) from None
         with contextlib.suppress(OSError):
             os.chmod(self.path, 0o600)
 
@@ -205,7 +219,10 @@ class History:
         return None if row is None else _run(row)
 
     def last_success(self, job: str) -> Run | None:
-        q = f"SELECT {', '.join(_FIELDS)} FROM runs WHERE job = ? AND result IN ('ok', 'warning')"
+        q = (
+            f"SELECT {', '.join(_FIELDS)} FROM runs WHERE job = ? AND skipped = 0 "
+            "AND result IN ('ok', 'warning')"
+        )
         row = self.db.execute(q + " ORDER BY started DESC LIMIT 1", (job,)).fetchone()
         return None if row is None else _run(row)
 

@@ -12,6 +12,7 @@ repository passwords) are replaced with ``***`` by :func:`scrub` before anything
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ import re
 import signal
 import subprocess
 import tempfile
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -307,6 +309,7 @@ def _asset(timeout_s: float) -> apprise.AppriseAsset:
     return apprise.AppriseAsset(
         storage_mode="memory",
         allow_templates=False,
+        async_mode=False,  # in the calling thread: no pool of apprise's own to wait for at exit
         service_timeout=timeout_s + 5.0,
     )
 
@@ -482,7 +485,10 @@ def send(
             else:
                 why = _send_command(command, msg, title, body, timeout_s, say)
         else:
-            why = _send_apprise(target, title, body, notify_type, timeout_s, say)
+            why = _bounded(
+                functools.partial(_send_apprise, target, title, body, notify_type, timeout_s, say),
+                timeout_s + 10.0,
+            )
         if why is None:
             say(f"alert sent to {shown}")
             continue
@@ -521,6 +527,17 @@ def ping(
             data = data[1:]
     shown = redact(target)
     hide = _url_secrets(target)
+    why = _bounded(lambda: _post(target, data, kind, shown, hide, timeout_s, log), timeout_s + 5.0)
+    if why is not None:  # the server trickles its answer: given up
+        log(scrub(f"health-check ping {kind} to {shown} failed: {why}", hide))
+        return False
+    return True
+
+
+def _post(
+    target: str, data: bytes, kind: str, shown: str, hide: list[str], timeout_s: float, log: Log
+) -> str | None:
+    """The POST of :func:`ping`; None when it succeeded or was logged as failed."""
     try:
         request = urllib.request.Request(
             target,
@@ -532,16 +549,32 @@ def ping(
             status = int(response.status)
             response.read(1024)
     except urllib.error.HTTPError as e:
-        log(scrub(f"health-check ping {kind} to {shown} failed: HTTP {e.code} {e.reason}", hide))
-        return False
+        return f"HTTP {e.code} {e.reason}"
     except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
-        log(scrub(f"health-check ping {kind} to {shown} failed: {reason}", hide))
-        return False
+        return str(getattr(e, "reason", None) or e)
     if not 200 <= status < 300:
-        log(f"health-check ping {kind} to {shown} failed: HTTP {status}")
-        return False
-    return True
+        return f"HTTP {status}"
+    return None
+
+
+def _bounded(fn: Callable[[], str | None], limit_s: float) -> str | None:
+    """``fn()`` in a daemon thread, given up after ``limit_s`` (a server that answers one byte
+    at a time defeats every socket timeout): its result, or why it was given up. A thread given
+    up on never keeps the process alive."""
+    out: list[str | None] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except Exception as e:  # a plugin's bug
+            out.append(f"{type(e).__name__}: {e}")
+
+    t = threading.Thread(target=run, name="safehold-notify", daemon=True)
+    t.start()
+    t.join(limit_s)
+    if t.is_alive() or not out:
+        return f"no answer within {limit_s:g}s: given up"
+    return out[0]
 
 
 # -- the dead man's switch --------------------------------------------------------------------

@@ -64,6 +64,7 @@ class Outcome:
     log_path: str | None = None
     duration_s: float = 0.0
     alerts_failed: list[str] = field(default_factory=list)
+    interrupted: bool = False  # stopped by SIGTERM/SIGINT (not by its timeout): no alert
 
     @property
     def exit_code(self) -> int:
@@ -109,7 +110,7 @@ class Runner:
     def __init__(
         self,
         config: Config,
-        state: Path,
+        state: Path | str,
         *,
         cache_dir: Path | None = None,
         clock: Callable[[], float] = time.time,
@@ -119,7 +120,7 @@ class Runner:
         host: str | None = None,
     ) -> None:
         self.config = config
-        self.state = state
+        self.state = Path(state)
         self.cache_dir = cache_dir
         self.clock = clock
         self.stop = stop or threading.Event()
@@ -238,9 +239,24 @@ class Runner:
             f"{len(step.warnings)} warnings: {step.warnings[0]}" if step.warnings else "ok"
         )
         log.write(f"job {job.name} {result}: {message} ({duration:.1f}s)")
+        v = step.values
+        tail = list(log.tail)  # what alerts and pings carry: the run's own lines
+        out = Outcome(job.name, result, message, v.get("snapshot"), str(log.path), duration)
+        out.interrupted = self.stop.is_set() and not timed_out.is_set()
+        self.say(f"{job.name}: {result}: {message}")
+        # alerts and pings before the log is closed: one that fails is in the run's log too
+        if job.healthcheck:
+            kind = "fail" if result == "failed" else "success"
+            body = notify.scrub("\n".join(tail), step.secrets)
+            notify.ping(job.healthcheck, kind, body=body, log=self._say_and_log(job, log))
+        if out.interrupted:
+            log.write("stopped by a signal (a shutdown?): no alert sent")
+        else:
+            out.alerts_failed = self._alert(
+                job, out, tail, started, duration, step.secrets, self._say_and_log(job, log)
+            )
         log.close()
         lock.release()
-        v = step.values
         history.finish(
             rid,
             ended=ended,
@@ -256,13 +272,6 @@ class Runner:
             duration_s=duration,
             log_tail=[notify.scrub(line, step.secrets) for line in log.tail],
         )
-        out = Outcome(job.name, result, message, v.get("snapshot"), str(log.path), duration)
-        self.say(f"{job.name}: {result}: {message}")
-        if job.healthcheck:
-            kind = "fail" if result == "failed" else "success"
-            body = notify.scrub("\n".join(log.tail), step.secrets)
-            notify.ping(job.healthcheck, kind, body=body, log=self._say_for(job))
-        out.alerts_failed = self._alert(job, out, log.tail, started, duration, step.secrets)
         self.write_metrics(history)
         return out
 
@@ -290,6 +299,13 @@ class Runner:
                 with contextlib.suppress(UnicodeDecodeError):
                     found.append(pw.decode())
         return [s for s in dict.fromkeys(found) if len(s) >= 4]
+
+    def _say_and_log(self, job: JobConfig, log: RunLog) -> Callable[[str], None]:
+        def say(text: str) -> None:
+            self.say(f"{job.name}: {text}")
+            log.write(text)
+
+        return say
 
     def _say_for(self, job: JobConfig) -> Callable[[str], None]:
         return lambda text: self.say(f"{job.name}: {text}")
@@ -405,7 +421,8 @@ class Runner:
             now=dt.datetime.fromtimestamp(self.clock()).astimezone(),
         )
         removed = forget(repo, plan, events=step.events) if plan.remove else []
-        step.log.write(f"forget: kept {len(plan.keep)}, removed {len(removed)} snapshots")
+        mine = [k for k in plan.keep if job_tag(job.name) in k.tags and k.host == host]
+        step.log.write(f"forget: kept {len(mine)}, removed {len(removed)} snapshots of the job")
 
     def _prune(self, job: JobConfig, repo: Repository, step: _Step) -> None:
         assert job.prune is not None
@@ -424,7 +441,7 @@ class Runner:
             opts.state_file = self.cache_dir / repo.config.repo_id.hex() / "check-subset.json"
         lock = reader_lock(repo.backend, repo.clock)
         try:
-            res = check(repo, opts, events=step.events)
+            res = check(repo, opts, events=step.events, stop=self._job_stop)
         finally:
             if lock is not None:
                 lock.release()
@@ -545,6 +562,7 @@ class Runner:
         started: float,
         duration: float,
         secrets: list[str] | None = None,
+        say: Callable[[str], None] | None = None,
     ) -> list[str]:
         if not job.notify or NOTIFY_KIND[out.result] not in job.notify_on:
             return []
@@ -559,10 +577,9 @@ class Runner:
             duration_s=duration,
             extra={"secrets": list(secrets or [])},
         )
-        failed = notify.send(job.notify, msg, log=self._say_for(job))
-        return failed
+        return notify.send(job.notify, msg, log=say or self._say_for(job))
 
-    def check_overdue(self, names: list[str] | None = None) -> list[str]:
+    def check_overdue(self, names: list[str] | None = None, *, quiet: bool = False) -> list[str]:
         """The dead man's switch: alert for each job that has not succeeded within its
         ``alert_if_no_success`` (timed from its first appearance if it never succeeded).
         Returns the overdue jobs' names (alerted now or earlier in this silence)."""
@@ -587,7 +604,8 @@ class Runner:
                 when = dt.datetime.fromtimestamp(since).strftime("%Y-%m-%d %H:%M")
                 what = "has never succeeded" if never else f"has not succeeded since {when}"
                 summary = f"job {name} {what} (limit {_hours(limit)})"
-                self.say(f"{name}: {summary}")
+                if not quiet:
+                    self.say(f"{name}: {summary}")
                 last_alert = history.last_alert(name)
 
                 def at(ts: float | None) -> dt.datetime | None:
@@ -614,9 +632,12 @@ class Runner:
                     duration_s=None,
                     extra={},
                 )
-                if job.notify:
-                    notify.send(job.notify, msg, log=self._say_for(job))
-                history.set_last_alert(name, now)
+                if quiet:
+                    self.say(f"{name}: {summary}")
+                failed = notify.send(job.notify, msg, log=self._say_for(job)) if job.notify else []
+                if len(failed) < len(job.notify) or not job.notify:
+                    history.set_last_alert(name, now)  # delivered somewhere: once per silence
+                # else: delivered nowhere; tried again next time
         finally:
             history.close()
         return overdue
@@ -722,6 +743,8 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _hours(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:g}s"
     if seconds % 86400 == 0:
         return f"{seconds / 86400:.0f}d"
     if seconds % 3600 == 0:

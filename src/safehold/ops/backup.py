@@ -1152,7 +1152,9 @@ def _backup(
         # listed, so it holds every blob of the parent (index objects precede their snapshot)
         repo.reload_index()
     session = repo.write_session(
-        index_flush_packs=opts.index_flush_packs, index_flush_seconds=opts.index_flush_seconds
+        index_flush_packs=opts.index_flush_packs,
+        index_flush_seconds=opts.index_flush_seconds,
+        lock=lock,
     )
     arch = _Archiver(repo, opts, session, events, stop)
     done = threading.Event()

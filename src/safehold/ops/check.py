@@ -23,6 +23,7 @@ from safehold.errors import (
     BackendError,
     FormatError,
     IntegrityError,
+    Interrupted,
     NotFound,
     SafeholdError,
     UsageError,
@@ -230,10 +231,17 @@ class _Check:
     while it runs, so whatever looks missing is confirmed against a second listing of storage
     (and of the index) before it is called damage."""
 
-    def __init__(self, repo: Repository, opts: CheckOptions, events: EventSink) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        opts: CheckOptions,
+        events: EventSink,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.repo = repo
         self.opts = opts
         self.events = events
+        self.stop = stop or threading.Event()
         self.res = CheckResult()
         self.lock = threading.Lock()
         self.refreshes = 0
@@ -586,6 +594,8 @@ class _Check:
         vanished: set[str] = set()
 
         def read_pack(pid: str) -> None:
+            if self.stop.is_set():
+                return
             lst = v.listings.get(pid, [])
             listed = {b.id: "" for _, p in lst for b in p.blobs}
             got: dict[bytes, str] = {}
@@ -630,6 +640,8 @@ class _Check:
 
         with ThreadPoolExecutor(max(1, opts.workers)) as pool:
             list(pool.map(read_pack, todo))
+        if self.stop.is_set():  # nothing recorded as read: the next run reads these again
+            raise Interrupted("check stopped while reading data")
         if vanished:  # deleted by a prune meanwhile, or missing: storage is asked again
             self.refresh(force=True)
             for pid in sorted(vanished - self.missing):
@@ -744,10 +756,12 @@ def check(
     opts: CheckOptions | None = None,
     *,
     events: EventSink = ignore_events,
+    stop: threading.Event | None = None,
 ) -> CheckResult:
     """Check the repository; see the module's docstring. Takes no lock: the CLI holds a reader
-    lock (:func:`safehold.repository.locks.reader_lock`), which no other lock refuses."""
-    return _Check(repo, opts or CheckOptions(), events).run()
+    lock (:func:`safehold.repository.locks.reader_lock`), which no other lock refuses. Setting
+    ``stop`` ends a ``read_data`` check between packs (Interrupted)."""
+    return _Check(repo, opts or CheckOptions(), events, stop).run()
 
 
 SEGMENT = 8 << 20

@@ -220,6 +220,7 @@ class _Copy:
         session = dst.write_session(
             index_flush_packs=self.opts.index_flush_packs,
             index_flush_seconds=self.opts.index_flush_seconds,
+            lock=self.lock,
         )
         copier: _ById | _Rewriter = (
             _ById(src, session, self.check_stop)

@@ -523,6 +523,21 @@ def _finish(
         res.rescued_packs += len(rescue)
         events(Event("info", f"kept {len(rescue)} condemned packs that snapshots use"))
 
+    # (c) last before deleting: index objects stored since the listing above protect what they
+    # list. Only a writer whose lease lapsed stores one now (it withdraws it at once, unless it
+    # dies first): the window left is the one between this listing and the deletions below
+    for iid in sorted(set(repo.list_ids("index/")) - set(files)):
+        try:
+            late = repo.read_index_file(iid, use_cache=False).packs
+        except NotFound:
+            continue  # withdrawn meanwhile
+        except SafeholdError:  # unreadable: what it lists is unknown, so nothing is deleted
+            keep |= set(candidates)
+            break
+        for p in late:
+            keep.add(p.pack_id.hex())
+            protected.add(p.pack_id.hex())
+
     # delete: packs, then the superseded index objects that list nothing still needed, then
     # the plan
     incomplete = bool(keep - protected)

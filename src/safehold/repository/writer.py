@@ -8,6 +8,7 @@ last, by the caller, after :meth:`WriteSession.flush`.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 from safehold import crypto
 from safehold.compress import Compression, compress
+from safehold.errors import Locked, SafeholdError
 from safehold.format.index import IndexedPack, IndexFile
 from safehold.format.pack import (
     BLOB_OVERHEAD,
@@ -28,6 +30,7 @@ from safehold.format.pack import (
     header_to_bytes,
 )
 from safehold.ids import BlobType, index_name, pack_name, storage_id
+from safehold.repository.locks import RepositoryLock
 from safehold.repository.objects import Kind, meta_object
 from safehold.repository.repo import Repository
 
@@ -125,8 +128,14 @@ class WriteSession:
         index_flush_packs: int = 4,
         index_flush_seconds: float = 10.0,
         on_pack_stored: Callable[[str, int], None] | None = None,
+        lock: RepositoryLock | None = None,
     ) -> None:
         self.repo = repo
+        # an index object is stored only under a lease provably held, and withdrawn if the lease
+        # lapsed while it was stored: a prune that saw the lock expire may be deleting the packs
+        # it lists (they were unused), and an index entry of a deleted pack would make a later
+        # backup deduplicate against nothing
+        self.lock = lock
         self.index = repo.index
         self.target = repo.config.pack_size
         self.stats = WriteStats()
@@ -236,7 +245,14 @@ class WriteSession:
             meta_key=self.repo.secrets.meta_key,
         )
         iid = storage_id(data)
+        if self.lock is not None:
+            self.lock.check()
         self.repo.backend.store(index_name(iid), data)
+        if self.lock is not None and not self.lock.held_until_now():
+            with contextlib.suppress(SafeholdError):
+                self.repo.backend.delete(index_name(iid))
+            self.lock.check()  # raises: the lease lapsed
+            raise Locked("lost the repository lock while storing an index object")
         self.index.index_ids.add(iid)
         self.index_ids.append(iid)
         self._pending.clear()
