@@ -34,6 +34,7 @@ from safehold.ops.walk import tree_totals, walk_tree
 from safehold.repository.repo import Repository
 from tests.conftest import PASSWORD
 from tests.support.tools import skip_or_fail
+from tests.support.treecmp import kind_of
 
 BLOCK = 64 << 10  # archive's blob size: a flipped byte costs one blob of one file
 
@@ -54,21 +55,6 @@ def _names(fd: int) -> list[bytes]:
     return sorted(os.fsencode(n) for n in os.listdir(fd))
 
 
-def _kind(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISREG, "file"),
-        (stat.S_ISDIR, "dir"),
-        (stat.S_ISLNK, "symlink"),
-        (stat.S_ISFIFO, "fifo"),
-        (stat.S_ISSOCK, "socket"),
-        (stat.S_ISCHR, "chardev"),
-        (stat.S_ISBLK, "blockdev"),
-    ):
-        if test(mode):
-            return kind
-    raise AssertionError(f"unknown mode {mode:o}")
-
-
 def archive(repo: Repository, root: Path, *, summary: bool = True) -> Snapshot:
     """Store the tree at ``root`` as a snapshot (root tree = root's entries), iteratively."""
     s = repo.write_session()
@@ -85,7 +71,7 @@ def archive(repo: Repository, root: Path, *, summary: bool = True) -> Snapshot:
             st = os.lstat(name, dir_fd=f.fd)
             node = Node(
                 name=name,
-                type=_kind(st.st_mode),
+                type=kind_of(st.st_mode),
                 mode=st.st_mode,
                 uid=st.st_uid,
                 gid=st.st_gid,
@@ -158,7 +144,7 @@ def digest(root: Path) -> tuple[Digest, set[frozenset[bytes]]]:
         name = names.pop()
         path = rel + b"/" + name if rel else name
         st = os.lstat(name, dir_fd=dfd)
-        kind = _kind(st.st_mode)
+        kind = kind_of(st.st_mode)
         h = b""
         target = b""
         if kind == "file":

@@ -4,7 +4,6 @@ reload, and the dead man's switch (with an injected clock)."""
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import signal
 import threading
@@ -195,4 +194,4 @@ def test_sighup_reloads_and_keeps_the_old_file_when_broken(env: JobEnv, tmp_path
     _wait_for(lambda: has("reload failed, keeping the previous jobs"))
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
-    assert json.loads(json.dumps(seen.decode()))  # printable
+    assert b"Traceback" not in seen

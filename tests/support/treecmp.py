@@ -30,7 +30,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["SPARSE_SLACK", "Entry", "compare_digests", "compare_trees", "tree_digest"]
+__all__ = [
+    "SPARSE_SLACK",
+    "Entry",
+    "compare_digests",
+    "compare_trees",
+    "kind_of",
+    "tree_digest",
+]
 
 #: How many bytes a restored sparse file may have allocated beyond its source.
 SPARSE_SLACK = 1 << 20
@@ -68,7 +75,7 @@ class Entry(NamedTuple):
     rdev: int  # device number of character and block devices, else 0
 
 
-def _kind(mode: int) -> str:
+def kind_of(mode: int) -> str:
     for test, name in (
         (stat.S_ISREG, "file"),
         (stat.S_ISDIR, "dir"),
@@ -110,7 +117,7 @@ def file_hash(path: bytes | str | os.PathLike[str], buf: bytearray | None = None
 
 
 def _entry(path: bytes, st: os.stat_result, buf: bytearray) -> Entry:
-    kind = _kind(st.st_mode)
+    kind = kind_of(st.st_mode)
     content: bytes | None = None
     if kind == "file":
         try:

@@ -13,6 +13,7 @@ from safehold.cli.common import (
     Context,
     backend_options,
     cache_dir,
+    event_printer,
     open_repo,
     prompt_password,
     repo_url,
@@ -168,17 +169,8 @@ def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
     m.set_defaults(func=cmd_mirror)
 
 
-def _printer(ctx: Context) -> Any:
-    def sink(ev: Event) -> None:
-        if ev.kind == "warning":
-            if ctx.json:
-                ctx.emit({"type": "warning", "message": ev.message})
-            else:
-                print(f"warning: {ev.message}", file=sys.stderr, flush=True)
-        elif ev.kind == "info" and not ctx.json and "source" in ev.data:
-            ctx.out(ev.message)
-
-    return sink
+def _about_a_snapshot(ev: Event) -> bool:
+    return "source" in ev.data
 
 
 def cmd_copy(ctx: Context) -> int:
@@ -190,7 +182,9 @@ def cmd_copy(ctx: Context) -> int:
         try:
             opts = CopyOptions(snapshots=a.snapshots, host=a.host, tags=a.tag, paths=a.path)
             with stop_on_signals() as stop:
-                res = copy_snapshots(src, dst, opts, events=_printer(ctx), stop=stop)
+                res = copy_snapshots(
+                    src, dst, opts, events=event_printer(ctx, info=_about_a_snapshot), stop=stop
+                )
             warned = bool(src.bad_snapshots)
         finally:
             src.close()
@@ -236,7 +230,7 @@ def cmd_mirror(ctx: Context) -> int:
                     src,
                     dst,
                     MirrorOptions(delete=a.delete, keep=keep, verify=a.verify),
-                    events=_printer(ctx),
+                    events=event_printer(ctx, info=_about_a_snapshot),
                     stop=stop,
                 )
         finally:

@@ -100,10 +100,6 @@ def cmd_config_check(ctx: Context) -> int:
     return EXIT_OK
 
 
-def _state(cfg_state: Path | None) -> Path:
-    return state_dir(cfg_state)
-
-
 def cmd_run(ctx: Context) -> int:
     from safehold.jobs.runner import Runner
 
@@ -114,7 +110,7 @@ def cmd_run(ctx: Context) -> int:
     try:
         runner = Runner(
             cfg,
-            _state(cfg.state_dir),
+            state_dir(cfg.state_dir),
             cache_dir=cache_dir(a),
             stop=stop,
             say=ctx.note,
@@ -184,7 +180,7 @@ def cmd_daemon(ctx: Context) -> int:
         cfg = load_config(_config_path(ctx))
         daemon = Daemon(
             cfg.path,
-            _state(cfg.state_dir),
+            state_dir(cfg.state_dir),
             cache_dir=cache_dir(a),
             stop=stop,
             reload=reload,
@@ -210,7 +206,7 @@ def _age(ts: float | None, now: float) -> str:
 def cmd_jobs(ctx: Context) -> int:
     a = ctx.args
     cfg = load_config(_config_path(ctx))
-    state = _state(cfg.state_dir)
+    state = state_dir(cfg.state_dir)
     now = time.time()
     if a.check:
         from safehold.jobs.runner import Runner
@@ -285,7 +281,7 @@ def cmd_jobs_history(ctx: Context) -> int:
     cfg = load_config(_config_path(ctx))
     if not 1 <= a.limit <= 1_000_000:
         raise UsageError("--limit must be between 1 and 1000000")
-    history = History(_state(cfg.state_dir))
+    history = History(state_dir(cfg.state_dir))
     try:
         runs = history.runs(a.job, limit=a.limit)
         if not runs and a.job not in cfg.jobs:

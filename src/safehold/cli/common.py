@@ -9,7 +9,7 @@ import secrets
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,13 +263,17 @@ def snapshot_row(s: Any) -> dict[str, Any]:
     }
 
 
-def event_printer(ctx: Context) -> Any:
+def event_printer(ctx: Context, *, info: Callable[[Event], bool] | None = None) -> Any:
+    """Warnings on stderr (JSON lines with --json); the ``info`` events it picks on stdout."""
+
     def sink(ev: Event) -> None:
         if ev.kind == "warning":
             if ctx.json:
                 ctx.emit({"type": "warning", "message": ev.message})
             else:
                 print(f"warning: {ev.message}", file=sys.stderr, flush=True)
+        elif ev.kind == "info" and info is not None and not ctx.json and info(ev):
+            ctx.out(ev.message)
 
     return sink
 

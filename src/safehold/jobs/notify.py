@@ -17,8 +17,6 @@ import logging
 import math
 import os
 import re
-import signal
-import subprocess
 import tempfile
 import threading
 import urllib.error
@@ -31,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import apprise
+
+from safehold.ops.shell import run_shell
 
 Log = Callable[[str], None]
 
@@ -415,31 +415,16 @@ def _send_command(
         SAFEHOLD_TITLE=title,
     )
     try:
-        proc = subprocess.Popen(
-            ["/bin/sh", "-c", command],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+        r = run_shell(command, env=env, input=body.encode("utf-8"), timeout_s=timeout_s)
     except OSError as e:
         return f"cannot run /bin/sh: {e.strerror or e}"
-    try:
-        out, _ = proc.communicate(body.encode("utf-8"), timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(OSError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.communicate(timeout=5)
+    if r.timed_out:
         return f"timed out after {timeout_s:g}s"
-    text = out.decode("utf-8", "replace").strip().splitlines()
+    text = r.out.decode("utf-8", "replace").strip().splitlines()
     for line in text[-5:]:
         log(f"command: {line}")
-    if proc.returncode != 0:
-        code = proc.returncode
-        why = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        return why + (f": {text[-1]}" if text else "")
+    if r.code != 0:
+        return r.status().removeprefix("was ") + (f": {text[-1]}" if text else "")
     return None
 
 

@@ -13,9 +13,7 @@ import contextlib
 import datetime as dt
 import os
 import re
-import signal
 import socket
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -41,6 +39,7 @@ from safehold.ops.backup import backup
 from safehold.ops.check import check
 from safehold.ops.forget import ForgetOptions, forget, plan_forget
 from safehold.ops.prune import prune
+from safehold.ops.shell import run_shell
 from safehold.repository.locks import reader_lock
 from safehold.repository.repo import Repository
 from safehold.units import format_size
@@ -281,7 +280,7 @@ class Runner:
         side effects (environment variables, files). A password command's output is added
         when it is run."""
         found: list[str] = []
-        names = [job.repository, *job.copy_to, *(t for t in job.mirror_to)]
+        names = [job.repository, *job.copy_to, *job.mirror_to]
         for name in names:
             rc = self.config.repositories.get(name)
             if rc is None:  # a mirror URL
@@ -361,6 +360,10 @@ class Runner:
         if step.failure is not None:
             raise _JobFailed
 
+    def _host(self, job: JobConfig, step: _Step) -> str:
+        """The host the job's snapshots carry (retention and copies select by it)."""
+        return str(step.values.get("host") or job.backup.get("host") or self.host)
+
     def _open(self, name: str, step: _Step) -> Repository:
         rc = self.config.repositories[name]
 
@@ -412,7 +415,7 @@ class Runner:
     def _forget(self, job: JobConfig, repo: Repository, step: _Step) -> None:
         assert job.retention is not None
         policy, allow_empty = oo.retention_policy(job.retention)
-        host = step.values.get("host") or job.backup.get("host") or self.host
+        host = self._host(job, step)
         plan = plan_forget(
             repo,
             ForgetOptions(
@@ -467,7 +470,7 @@ class Runner:
             step.fail(f"copy to {target}: {e}")
             return
         try:
-            host = step.values.get("host") or job.backup.get("host") or self.host
+            host = self._host(job, step)
             res = copy_snapshots(
                 repo,
                 dst,
@@ -497,13 +500,11 @@ class Runner:
         rc = self.config.repositories.get(target)
         url, options = (rc.url, rc.options) if rc is not None else (target, {})
         try:
-            res = mirror(
-                repo.backend,
-                open_backend(url, options),
-                MirrorOptions(),
-                events=step.events,
-                stop=stop,
-            )
+            dst = open_backend(url, options)
+            try:
+                res = mirror(repo.backend, dst, MirrorOptions(), events=step.events, stop=stop)
+            finally:
+                dst.close()  # an rclone target runs a process of its own
             step.log.write(
                 f"mirror to {notify.redact(url)}: {res.copied} objects copied "
                 f"({format_size(res.bytes_copied)}), {res.skipped} there already"
@@ -541,14 +542,16 @@ class Runner:
         # while the run is being stopped (SIGTERM), hooks get a short time: the service manager
         # kills the daemon soon after
         limit = STOPPING_HOOK_TIMEOUT_S if self.stop.is_set() else HOOK_TIMEOUT_S
-        code, output = run_shell(cmd, env, stop=stop, timeout_s=limit)
-        for line in output.splitlines()[-50:]:
+        try:
+            r = run_shell(cmd, env=env, stop=stop, timeout_s=limit)
+        except OSError as e:
+            step.fail(f"the {which} hook {cmd!r} could not start: /bin/sh: {e}")
+            return False
+        for line in r.out.decode("utf-8", "replace").splitlines()[-50:]:
             step.log.write(f"  | {line}")
-        if code == 0:
+        if r.code == 0:
             return True
-        why = "was stopped" if code is None else f"exited with status {code}"
-        if code is None and (stop is None or not stop.is_set()):
-            why = f"timed out after {limit:.0f}s"
+        why = f"timed out after {limit:.0f}s" if r.timed_out else r.status()
         step.fail(f"the {which} hook {cmd!r} {why}")
         return False
 
@@ -677,69 +680,6 @@ HOOK_TIMEOUT_S = 6 * 3600.0
 PASSWORD_TIMEOUT_S = 120.0
 """A password command that has not answered by then waits for a prompt nobody sees."""
 STOPPING_HOOK_TIMEOUT_S = 30.0
-
-
-def run_shell(
-    cmd: str,
-    env: dict[str, str],
-    *,
-    stop: threading.Event | None = None,
-    timeout_s: float | None = None,
-    output_limit: int = 64 << 10,
-) -> tuple[int | None, str]:
-    """Run ``cmd`` through ``/bin/sh -c``; returns (status, the last ``output_limit`` bytes of
-    its stdout and stderr). Status None: it timed out or was stopped (its process group is
-    terminated, then killed)."""
-    try:
-        proc = subprocess.Popen(
-            ["/bin/sh", "-c", cmd],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    except OSError as e:
-        return 127, f"cannot run /bin/sh: {e}"
-    buf = bytearray()
-
-    def read() -> None:
-        out = proc.stdout
-        assert out is not None
-        fd = out.fileno()
-        while chunk := os.read(fd, 65536):
-            buf.extend(chunk)
-            del buf[:-output_limit]
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    code: int | None = None
-    while True:
-        try:
-            code = proc.wait(0.1)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-        if (stop is not None and stop.is_set()) or (
-            deadline is not None and time.monotonic() > deadline
-        ):
-            _kill_group(proc)
-            code = None
-            break
-    reader.join(5)
-    return code, buf.decode("utf-8", "replace")
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _hours(seconds: float) -> str:

@@ -8,12 +8,8 @@ missing repository fails first) and opens it.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +25,7 @@ from safehold.errors import (
     UsageError,
 )
 from safehold.format.config import split_config
+from safehold.ops.shell import run_shell
 from safehold.repository.keys import readable_key_file
 from safehold.repository.repo import Repository
 
@@ -45,37 +42,20 @@ def read_password_file(path: str) -> bytes:
 def run_password_command(
     cmd: str, *, timeout_s: float | None = None, stop: threading.Event | None = None
 ) -> bytes:
-    """A password command's standard output without its trailing newline. It runs through
-    ``/bin/sh -c`` in a process group of its own; after ``timeout_s`` (a password manager
-    waiting for a prompt nobody sees), or when ``stop`` is set, the group is killed."""
+    """A password command's standard output without its trailing newline. After ``timeout_s``
+    (a password manager waiting for a prompt nobody sees), or when ``stop`` is set, its process
+    group is stopped."""
     try:
-        proc = subprocess.Popen(
-            ["/bin/sh", "-c", cmd],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        r = run_shell(cmd, stop=stop, timeout_s=timeout_s, merge_stderr=False, output_limit=1 << 20)
     except OSError as e:
         raise UsageError(f"password command failed: {e}") from None
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while True:
-        try:
-            out, _ = proc.communicate(timeout=0.2)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-        late = deadline is not None and time.monotonic() > deadline
-        if late or (stop is not None and stop.is_set()):
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            if late:
-                raise UsageError(f"password command timed out after {timeout_s:g}s")
-            raise Interrupted("stopped while the password command ran")
-    if proc.returncode != 0:
-        raise UsageError(f"password command exited with status {proc.returncode}")
-    return out.rstrip(b"\r\n")
+    if r.code is None:
+        if r.timed_out:
+            raise UsageError(f"password command timed out after {timeout_s:g}s")
+        raise Interrupted("stopped while the password command ran")
+    if r.code != 0:
+        raise UsageError(f"password command exited with status {r.code}")
+    return r.out.rstrip(b"\r\n")
 
 
 @dataclass
